@@ -1,0 +1,68 @@
+"""The ``dbr`` command: one verb per stage, plus ``run`` for whole pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dbr_builder import __version__
+from dbr_builder.config import ConfigError
+from dbr_builder.stages import HELP, STAGES, StageNotBuilt, load_stage
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback (exit 1)."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """Build the argument parser; return it and the verbs whose stage is not built."""
+    from dbr_builder import pipeline
+
+    parser = argparse.ArgumentParser(
+        prog="dbr",
+        description="Build DomainBed-Reasoning and fine-tune MLLM students with MTCT + SARR.",
+        epilog="Run `dbr VERB --help` for a verb's options. Docs: README.md",
+    )
+    parser.add_argument("--version", action="version", version=f"dbr-builder {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    missing: dict[str, str] = {}
+    for verb in STAGES:
+        try:
+            mod = load_stage(verb)
+        except StageNotBuilt as e:
+            missing[verb] = str(e)
+            p = sub.add_parser(verb, help=f"{HELP[verb]} [not built yet]", description=str(e))
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
+        p = sub.add_parser(verb, help=HELP[verb], description=(mod.__doc__ or HELP[verb]).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    p = sub.add_parser("run", help="run a pipeline config's stages in order, skipping up-to-date ones",
+                       description="Run a pipeline config's stages in order, skipping up-to-date ones.")
+    pipeline.add_arguments(p)
+    p.set_defaults(_main=pipeline.main)
+    return parser, missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dbr`` console script."""
+    parser, missing = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb in missing:
+        print(f"dbr {args.verb}: {missing[args.verb]}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except StageNotBuilt as e:
+        print(f"dbr {args.verb}: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, UserError, FileNotFoundError) as e:
+        print(f"dbr {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dbr {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

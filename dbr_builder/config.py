@@ -1,0 +1,135 @@
+"""Load and validate pipeline configs (YAML) against JSON Schemas in ``schemas/``.
+
+The top level is checked against ``schemas/pipeline.schema.json``; each stage entry
+is then checked against ``schemas/stages/<stage>.schema.json`` when that file exists.
+Every error names the config file, the path of the bad field (``stages[2].n``)
+and what is wrong, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dbr_builder.resources import data_dir, resource_path
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or does not match its schema."""
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Never let a config pull a secret from the environment into files or logs.
+_SECRET_VARS = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.I)
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in strings; an empty result becomes None."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if _SECRET_VARS.search(name):
+            raise ConfigError(
+                f"{where}: refusing to expand secret variable ${{{name}}} into a config; "
+                "secrets are read from the environment by the code that needs them"
+            )
+        return os.environ.get(name) or (default or "")
+
+    out = _ENV_RE.sub(repl, value)
+    return out if out != "" else None
+
+
+def format_path(parts: list[Any] | Any) -> str:
+    """Render a jsonschema error path as ``stages[2].teacher``."""
+    s = ""
+    for p in parts:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+    return s or "<top level>"
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """Load ``schemas/<name>`` as a dict."""
+    return json.loads(resource_path("schemas", name).read_text(encoding="utf-8"))
+
+
+def validate(obj: Any, schema: dict[str, Any], source: str, prefix: list[Any] | None = None) -> None:
+    """Validate ``obj``; raise ConfigError listing every bad field by path."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = [
+            f"  {format_path((prefix or []) + list(e.absolute_path))}: {e.message}" for e in errors[:20]
+        ]
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
+
+
+def stage_schema(stage: str) -> dict[str, Any] | None:
+    """The JSON Schema for one stage's options, or None if the stage has none yet."""
+    path = data_dir("schemas") / "stages" / f"{stage}.schema.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def load_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file with an error that names the file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load, env-expand and validate a pipeline config (top level and every stage)."""
+    raw = load_yaml(path)
+    cfg = _expand_env(raw, "")
+    validate(cfg, load_schema("pipeline.schema.json"), str(path))
+    for i, st in enumerate(cfg["stages"]):
+        schema = stage_schema(st["stage"])
+        if schema is not None:
+            validate(st, schema, str(path), ["stages", i])
+    names = [st.get("name", st["stage"]) for st in cfg["stages"]]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(
+            f"{path}: stage names must be unique; give repeated stages a `name:` ({', '.join(dup)})"
+        )
+    return cfg
+
+
+def load_stage_config(path: str | os.PathLike[str], stage: str) -> dict[str, Any]:
+    """Load a stand-alone stage config (``dbr train --config FILE``) and validate it.
+
+    The file may be a whole pipeline (the first entry of that stage is used) or a
+    mapping of that stage's options.
+    """
+    raw = _expand_env(load_yaml(path), "")
+    if isinstance(raw, dict) and "stages" in raw:
+        pipe = load_pipeline(path)
+        for st in pipe["stages"]:
+            if st["stage"] == stage:
+                merged = {k: v for k, v in pipe.items() if k not in ("stages", "name", "description")}
+                merged.update(st)
+                return merged
+        raise ConfigError(f"{path}: pipeline has no `{stage}` stage")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {stage} options")
+    raw.setdefault("stage", stage)
+    schema = stage_schema(stage)
+    if schema is not None:
+        validate(raw, schema, str(path))
+    return raw

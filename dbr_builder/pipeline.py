@@ -1,0 +1,156 @@
+"""``dbr run``: execute a pipeline's stages in order, skipping those that are up to date.
+
+A stage unit (one stage, for one dataset where the stage is per-dataset) is up to date
+when its stamp in ``W/.stamps/`` records the same config hash, the same fingerprint of
+everything run before it in this pipeline, and outputs that are still exactly as that
+run left them (names, sizes, mtimes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.config import ConfigError, load_pipeline
+from dbr_builder.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.stages import StageNotBuilt, load_stage
+
+
+@dataclass
+class Unit:
+    """One executable step: a stage entry, for one dataset if the stage is per-dataset."""
+
+    name: str  # stage entry name (unique within the pipeline)
+    stage: str
+    cfg: dict[str, Any]
+    dataset: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.dataset})" if self.dataset else self.name
+
+    @property
+    def stamp_name(self) -> str:
+        return f"{self.name}--{self.dataset}" if self.dataset else self.name
+
+
+def plan(pipe: dict[str, Any], workdir: Path) -> list[Unit]:
+    """Expand the pipeline's stage entries into units with defaults applied."""
+    units: list[Unit] = []
+    default_root = pipe.get("root") or str(workdir / "raw")
+    for entry in pipe["stages"]:
+        stage = entry["stage"]
+        mod = load_stage(stage)
+        cfg = {k: v for k, v in entry.items() if k not in ("name",)}
+        cfg.setdefault("root", default_root)
+        name = entry.get("name", stage)
+        if getattr(mod, "PER_DATASET", False):
+            if "dataset" in entry:
+                datasets = [entry["dataset"]]
+            else:
+                datasets = entry.get("datasets") or pipe.get("datasets")
+            if not datasets:
+                raise ConfigError(f"stage `{name}` runs per dataset: give it `dataset:` or set top-level `datasets:`")
+            for ds in datasets:
+                c = {k: v for k, v in cfg.items() if k != "datasets"}
+                c["dataset"] = ds
+                units.append(Unit(name, stage, c, ds))
+        else:
+            cfg.setdefault("datasets", pipe.get("datasets") or [])
+            units.append(Unit(name, stage, cfg, None))
+    return units
+
+
+def _select(units: list[Unit], start: str | None, until: str | None) -> list[bool]:
+    names = [u.name for u in units]
+    for which, val in (("--from", start), ("--until", until)):
+        if val is not None and val not in names and val not in {u.stage for u in units}:
+            raise ConfigError(f"{which} {val}: no such stage in this pipeline (have: {', '.join(dict.fromkeys(names))})")
+
+    def index_of(val: str, last: bool) -> int:
+        hits = [i for i, u in enumerate(units) if val in (u.name, u.stage)]
+        return hits[-1] if last else hits[0]
+
+    lo = index_of(start, False) if start else 0
+    hi = index_of(until, True) if until else len(units) - 1
+    return [lo <= i <= hi for i in range(len(units))]
+
+
+def run_pipeline(
+    path: str | Path,
+    workdir: str | Path | None = None,
+    start: str | None = None,
+    until: str | None = None,
+    force: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Run a pipeline config; return ``{unit label: "ran" | "skipped" | "not selected"}``."""
+    pipe = load_pipeline(path)
+    wd = Path(workdir or pipe.get("workdir") or "work")
+    wd.mkdir(parents=True, exist_ok=True)
+    units = plan(pipe, wd)
+    selected = _select(units, start, until)
+    stamps = wd / ".stamps"
+    upstream: list[str] = []  # output fingerprints of earlier units, in order
+    report: dict[str, Any] = {}
+    for unit, sel in zip(units, selected, strict=True):
+        mod = load_stage(unit.stage)
+        out_paths = [Path(p) for p in mod.outputs(unit.cfg, wd)]
+        in_paths = [Path(p) for p in getattr(mod, "inputs", lambda c, w: [])(unit.cfg, wd)]
+        key = {
+            "config": stable_hash(unit.cfg),
+            "upstream": stable_hash(upstream),
+            "inputs": tree_fingerprint(in_paths),
+        }
+        stamp_file = stamps / f"{unit.stamp_name}.json"
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else None
+        fresh = (
+            stamp is not None
+            and stamp.get("key") == key
+            and all(p.exists() for p in out_paths)
+            and stamp.get("outputs") == tree_fingerprint(out_paths)
+        )
+        if not sel:
+            report[unit.label] = "not selected"
+        elif fresh and not force:
+            log(f"[skip] {unit.label}: up to date")
+            report[unit.label] = "skipped"
+        else:
+            log(f"[run ] {unit.label}")
+            t0 = time.perf_counter()
+            if stamp_file.exists():
+                stamp_file.unlink()  # a crash mid-stage must not leave a stale "fresh" stamp
+            summary = mod.run(unit.cfg, wd)
+            write_json_atomic(
+                stamp_file,
+                {"key": key, "outputs": tree_fingerprint(out_paths), "summary": summary,
+                 "seconds": round(time.perf_counter() - t0, 3)},
+            )
+            report[unit.label] = "ran"
+        upstream.append(tree_fingerprint(out_paths))
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline config (YAML), e.g. pipelines/demo.yaml")
+    p.add_argument("--workdir", "-w", help="work directory (default: the config's `workdir`)")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (by name or kind)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (by name or kind)")
+    p.add_argument("--force", action="store_true", help="rerun selected stages even if up to date")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force)
+    except StageNotBuilt as e:
+        print(f"dbr run: {e}", file=sys.stderr)
+        return 2
+    ran = sum(v == "ran" for v in report.values())
+    skipped = sum(v == "skipped" for v in report.values())
+    print(f"pipeline done: {ran} ran, {skipped} up to date")
+    return 0
