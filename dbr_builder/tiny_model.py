@@ -1,0 +1,384 @@
+"""Build a tiny, randomly initialised Qwen2.5-VL student for tests and the offline demo.
+
+Nothing is downloaded: the model comes from a config, the byte-level BPE tokenizer is trained
+here with the ``tokenizers`` library on a small built-in corpus, and the processor is the real
+``Qwen2_5_VLProcessor`` (Qwen2-VL image processor set up for small images) with the Qwen2-VL chat
+template. The result loads through the real path::
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+
+Builds are cached under a folder named after a hash of the whole build spec, and written
+atomically (built in a temporary sibling folder, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.fsutil import stable_hash
+
+# Bump when the build recipe changes in a way the spec below does not capture.
+BUILDER_VERSION = 1
+
+# Reasoning-chain tags (DESIGN.md): each becomes one added (non-special) token so chains stay
+# short and survive ``skip_special_tokens=True`` decoding.
+CHAIN_TAGS = [
+    "<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>", "<REASONING>", "</REASONING>",
+    "<REFLECTION>", "</REFLECTION>", "<CONCLUSION>", "</CONCLUSION>",
+]  # fmt: skip
+
+# Special tokens of the real Qwen2-VL / Qwen2.5-VL tokenizer, in their upstream order; the
+# processor needs the vision ones, the chat template the im_* ones.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# The chat template shipped with Qwen2-VL-Instruct / Qwen2.5-VL-Instruct.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Same pre-tokenisation as transformers' Qwen2Tokenizer, so the trained tokenizer behaves like
+# the real one (and like it when re-created from vocab + merges).
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Image processing: patch 14 x merge 2 = 28 px per visual token side. Between 112x112 and
+# 224x224 resized pixels, an image gives 16..64 visual tokens (64 px -> 16, 128 px -> 25,
+# 227 px (PACS) -> 64).
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+MIN_PIXELS = 112 * 112
+MAX_PIXELS = 224 * 224
+
+TOKENIZER_VOCAB = 2048  # BPE target, before added tokens
+
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    # head_dim 32 -> mrope sections (temporal, height, width) must sum to head_dim / 2.
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+}
+
+VISION_CONFIG: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 2,
+    "in_channels": 3,
+    "patch_size": PATCH_SIZE,
+    "spatial_merge_size": MERGE_SIZE,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+    "hidden_act": "silu",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer corpus: prose about images, the class and domain names of the DomainBed datasets and
+# SynthShapes, and example reasoning chains.
+
+DATASET_CLASSES: dict[str, list[str]] = {
+    "PACS": ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"],
+    "VLCS": ["bird", "car", "chair", "dog", "person"],
+    "OfficeHome": [
+        "Alarm_Clock", "Backpack", "Batteries", "Bed", "Bike", "Bottle", "Bucket", "Calculator",
+        "Calendar", "Candles", "Chair", "Clipboards", "Computer", "Couch", "Curtains", "Desk_Lamp",
+        "Drill", "Eraser", "Exit_Sign", "Fan", "File_Cabinet", "Flipflops", "Flowers", "Folder",
+        "Fork", "Glasses", "Hammer", "Helmet", "Kettle", "Keyboard", "Knives", "Lamp_Shade",
+        "Laptop", "Marker", "Monitor", "Mop", "Mouse", "Mug", "Notebook", "Oven", "Pan",
+        "Paper_Clip", "Pen", "Pencil", "Postit_Notes", "Printer", "Push_Pin", "Radio",
+        "Refrigerator", "Ruler", "Scissors", "Screwdriver", "Shelf", "Sink", "Sneakers", "Soda",
+        "Speaker", "Spoon", "TV", "Table", "Telephone", "ToothBrush", "Toys", "Trash_Can", "Webcam",
+    ],
+    "TerraIncognita": [
+        "bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel",
+    ],
+    "SynthShapes": ["circle", "hexagon", "pentagon", "square", "star", "triangle"],
+}  # fmt: skip
+
+DATASET_DOMAINS: dict[str, list[str]] = {
+    "PACS": ["art_painting", "cartoon", "photo", "sketch"],
+    "VLCS": ["Caltech101", "LabelMe", "SUN09", "VOC2007"],
+    "OfficeHome": ["Art", "Clipart", "Product", "Real World"],
+    "TerraIncognita": ["location_100", "location_38", "location_43", "location_46"],
+    "SynthShapes": ["cartoon", "painting", "photo", "sketch"],
+}
+
+_PROSE = """\
+The image shows a single object in the center of the frame against a plain background.
+This picture is a photo taken outdoors in daylight; the colors are natural and the edges are soft.
+The drawing is a pencil sketch on white paper with thin gray lines and light shading.
+The painting uses thick brush strokes, warm colors and a textured canvas.
+The cartoon has flat colors, a thick black outline and no shadows.
+A camera trap captured this frame at night, so the scene is dark and grainy.
+Look at the shape: count the corners and the straight sides, then compare their lengths.
+A triangle has three corners, a square has four equal sides, a pentagon has five corners,
+a hexagon has six corners, a star has ten corners with five sharp points, and a circle has none.
+The object is small, rotated slightly to the left, and placed near the top right corner.
+The main color is red, with blue, green, yellow, orange, purple, black, white and gray details.
+First I describe what I see, then I reason about the features that tell the classes apart.
+The answer must be exactly one class name from the list of options.
+Which of the following options best describes the object in the image?
+Answer with the class name only. Please choose from the following options:
+Question: what is the main object? Answer: the main object is shown clearly.
+The style of the image is different from the training domains, but the shape is the same.
+The animal has four legs, a long tail, fur, ears and eyes; it stands on the grass near trees.
+The person wears a shirt and is standing next to a house with windows and a door.
+In-context examples: here are a few images with their labels, then a new image to classify.
+Picture 1 is a dog. Picture 2 is a horse. What is Picture 3?
+"""
+
+
+def _corpus() -> list[str]:
+    """Lines of text the tokenizer is trained on (deterministic)."""
+    lines = _PROSE.splitlines()
+    for dataset, classes in DATASET_CLASSES.items():
+        domains = DATASET_DOMAINS[dataset]
+        names = [c.replace("_", " ") for c in classes]
+        lines.append(f"{dataset} classes: " + ", ".join(classes) + ".")
+        lines.append(f"{dataset} domains: " + ", ".join(domains) + ".")
+        for i, name in enumerate(names):
+            domain = domains[i % len(domains)]
+            lines.append(
+                f"<SUMMARY>I will identify the object in this {domain} image.</SUMMARY>"
+                f"<CAPTION>The image shows a {name} in the {domain} style.</CAPTION>"
+                f"<REASONING>The shape, parts and texture match a {name}, not the other "
+                f"classes of {dataset}.</REASONING>"
+                f"<REFLECTION>The style is {domain}, but the features still fit a {name}."
+                f"</REFLECTION><CONCLUSION>{classes[i]}</CONCLUSION>"
+            )
+            lines.append(f"This is a {name}. The answer is {classes[i]}.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_spec(seed: int = 0) -> dict[str, Any]:
+    """The full description of a build; its hash names the cache folder."""
+    import transformers
+
+    return {
+        "builder_version": BUILDER_VERSION,
+        "transformers_major": transformers.__version__.split(".")[0],
+        "seed": seed,
+        "text_config": TEXT_CONFIG,
+        "vision_config": VISION_CONFIG,
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "tokenizer_vocab": TOKENIZER_VOCAB,
+        "special_tokens": SPECIAL_TOKENS,
+        "chain_tags": CHAIN_TAGS,
+        "chat_template": CHAT_TEMPLATE,
+        "corpus": stable_hash(_corpus()),
+    }
+
+
+def default_cache_dir() -> Path:
+    """``$DBR_CACHE_DIR`` if set, else ``~/.cache/dbr-builder``."""
+    env = os.environ.get("DBR_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dbr-builder"
+
+
+def _train_tokenizer() -> Any:
+    """Train the byte-level BPE and wrap it as a ``Qwen2Tokenizer`` with the Qwen special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        min_frequency=1,
+        show_progress=False,
+        # Every byte is in the vocabulary, so any text (any language) encodes without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+    )
+    # Chain tags are split out of the training text: they become whole added tokens below.
+    text = _corpus()
+    tok.train_from_iterator(text, trainer=trainer)
+
+    vocab = tok.get_vocab()
+    merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",  # chat models stop at the end of the assistant turn
+        pad_token="<|endoftext|>",
+        padding_side="left",  # decoder-only batched generation pads on the left
+        model_max_length=TEXT_CONFIG["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+    )
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAIN_TAGS])
+    return tokenizer
+
+
+def _build_into(dest: Path, seed: int) -> None:
+    """Write tokenizer, processor and a seeded random model into ``dest``."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # Round the embedding table up to a multiple of 64 (as real checkpoints do) so that a few
+    # tokens can be added later without resizing.
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    text_config = dict(
+        TEXT_CONFIG,
+        vocab_size=vocab_size,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision_config = dict(VISION_CONFIG, out_hidden_size=TEXT_CONFIG["hidden_size"])
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
+    """Build (or reuse) the tiny Qwen2.5-VL student and return its folder.
+
+    ``out_dir`` defaults to ``default_cache_dir()/tiny-qwen2vl-<spec hash>``. An existing complete
+    build with the same spec is returned at once unless ``force``; a folder holding something else
+    is rebuilt (only if it is a previous tiny-model build) or refused.
+    """
+    spec = build_spec(seed)
+    spec_hash = stable_hash(spec)[:12]
+    out = Path(out_dir) if out_dir is not None else default_cache_dir() / f"tiny-qwen2vl-{spec_hash}"
+    marker = out / "tiny_model.json"
+    if out.exists() and not force:
+        if marker.exists() and json.loads(marker.read_text()).get("spec_hash") == spec_hash:
+            return out
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        from dbr_builder.cli import UserError
+
+        raise UserError(
+            f"{out} exists and is not a tiny-model build; choose an empty or new folder for the tiny model"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _build_into(tmp, seed)
+        (tmp / "tiny_model.json").write_text(
+            json.dumps({"spec_hash": spec_hash, "spec": spec}, indent=2, sort_keys=True) + "\n"
+        )
+        if out.exists():
+            # Keep the old build aside until the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                # A concurrent builder won the race; its identical build is kept.
+                if not marker.exists():
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dbr_builder.tiny_model [OUT_DIR] [--seed S] [--force]``: build and print the path."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dbr_builder.tiny_model", description="Build the tiny Qwen2.5-VL test student."
+    )
+    parser.add_argument("out_dir", nargs="?", default=None, help="output folder (default: cache folder)")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out_dir, seed=args.seed, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
