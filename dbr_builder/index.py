@@ -1,0 +1,250 @@
+"""``dbr index``: scan ``ROOT/DATASET/<domain>/<class>/*`` into ``W/manifest/DATASET.parquet``.
+
+Every image is read once: its bytes are hashed (``image_id`` = sha256) and fully
+decoded to verify it. Broken files (empty, truncated, not an image, decompression
+bomb) go to ``W/manifest/DATASET.quarantine.jsonl`` with a reason and never stop
+the run. The in/out split is computed over the full ImageFolder listing, exactly as
+DomainBed does, and broken files are dropped afterwards, so a good image always
+gets the split DomainBed would give it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.manifest import (
+    IMG_EXTENSIONS,
+    MANIFEST_COLUMNS,
+    find_classes,
+    holdout_keys,
+    list_images,
+    manifest_paths,
+)
+
+PER_DATASET = True
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~0.25 GiB of RGBA)
+
+
+class LayoutError(ValueError):
+    """The dataset folder is not in DomainBed layout."""
+
+
+def dataset_dir(root: str | Path, dataset: str) -> Path:
+    """Folder of ``dataset`` under ``root`` (registry folder name when the download stage knows it)."""
+    root = Path(root)
+    names = [dataset]
+    try:
+        from dbr_builder.download import dataset_folder
+
+        names.insert(0, dataset_folder(dataset))
+    except ImportError:
+        pass
+    for name in dict.fromkeys(names):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(
+        f"{root / names[0]}: dataset folder not found; run `dbr download {dataset} --root {root}` "
+        f"(or `dbr synth --root {root}` for SynthShapes)"
+    )
+
+
+def scan_layout(ds_dir: Path) -> tuple[list[str], list[str], dict[str, list[tuple[str, str]]]]:
+    """Check the DomainBed layout; return (domains, classes, {domain: [(rel path, class)]})."""
+    domains = sorted(e.name for e in os.scandir(ds_dir) if e.is_dir() and not e.name.startswith("."))
+    if not domains:
+        raise LayoutError(f"{ds_dir}: no domain folders; expected {ds_dir}/<domain>/<class>/<image>")
+    per_domain: dict[str, list[tuple[str, str]]] = {}
+    class_sets: dict[str, list[str]] = {}
+    for dom in domains:
+        ddir = ds_dir / dom
+        stray = sorted(e.name for e in os.scandir(ddir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if stray:
+            raise LayoutError(
+                f"{ddir}: images directly in a domain folder ({stray[0]}, ...); expected {ddir}/<class>/<image>"
+            )
+        classes = find_classes(ddir)
+        if not classes:
+            raise LayoutError(f"{ddir}: domain has no class folders; expected {ddir}/<class>/<image>")
+        files = list_images(ddir, classes)
+        counts = {c: 0 for c in classes}
+        for _, c in files:
+            counts[c] += 1
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            raise LayoutError(f"{ddir / empty[0]}: class folder has no images (empty classes: {', '.join(empty)})")
+        class_sets[dom], per_domain[dom] = classes, files
+    ref = class_sets[domains[0]]
+    for dom in domains[1:]:
+        if class_sets[dom] != ref:
+            missing = sorted(set(ref) - set(class_sets[dom]))
+            extra = sorted(set(class_sets[dom]) - set(ref))
+            raise LayoutError(
+                f"{ds_dir / dom}: classes differ from {domains[0]!r} (missing: {missing or '-'}, extra: {extra or '-'}); "
+                "DomainBed needs the same classes in every domain"
+            )
+    return domains, ref, per_domain
+
+
+def check_image(args: tuple[str, int]) -> tuple[str | None, int, int, str | None]:
+    """Hash and fully decode one file: (sha256, width, height, error reason or None)."""
+    path, max_pixels = args
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, 0, 0, f"unreadable: {e.strerror or e}"
+    if not data:
+        return None, 0, 0, "empty file (0 bytes)"
+    sha = hashlib.sha256(data).hexdigest()
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return sha, w, h, f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return sha, 0, 0, f"decompression bomb: {e}"
+    except UnidentifiedImageError:
+        return sha, 0, 0, "not an image (unrecognised format)"
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e)
+        return sha, 0, 0, ("truncated: " if "truncated" in msg.lower() else "undecodable: ") + msg
+    return sha, w, h, None
+
+
+def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_fraction: float = 0.2,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                   progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Scan, verify and split a dataset folder: (rows, quarantined, meta)."""
+    from tqdm import tqdm
+
+    domains, classes, per_domain = scan_layout(ds_dir)
+    label_of = {c: i for i, c in enumerate(classes)}
+    items: list[tuple[int, str, str, str, bool]] = []  # env index, domain, rel path, class, is_out
+    for env_i, dom in enumerate(domains):
+        files = per_domain[dom]
+        out_keys = holdout_keys(len(files), trial_seed, env_i, holdout_fraction)
+        for k, (rel, cls) in enumerate(files):
+            items.append((env_i, dom, Path(dom, rel).as_posix(), cls, k in out_keys))
+    jobs = [(str(ds_dir / rel), max_pixels) for _, _, rel, _, _ in items]
+    workers = workers or min(8, os.cpu_count() or 1)
+    bar = tqdm(total=len(jobs), desc=f"index {dataset}", unit="img", disable=not progress)
+    if workers > 1 and len(jobs) > 256:
+        with ProcessPoolExecutor(workers) as ex:
+            checked = []
+            for r in ex.map(check_image, jobs, chunksize=256):
+                checked.append(r)
+                bar.update()
+    else:
+        checked = []
+        for j in jobs:
+            checked.append(check_image(j))
+            bar.update()
+    bar.close()
+    rows, quarantined = [], []
+    for (env_i, dom, rel, cls, is_out), (sha, w, h, err) in zip(items, checked, strict=True):
+        if err:
+            quarantined.append({"path": rel, "domain": dom, "class_name": cls, "reason": err})
+            continue
+        rows.append({"image_id": sha, "dataset": dataset, "domain": dom, "domain_index": env_i,
+                     "class_name": cls, "label": label_of[cls], "path": rel, "width": w, "height": h,
+                     "split": "out" if is_out else "in"})
+    counts = {d: sum(1 for r in rows if r["domain"] == d) for d in domains}
+    meta = {"dataset": dataset, "root": str(ds_dir.resolve()), "domains": domains, "classes": classes,
+            "trial_seed": trial_seed, "holdout_fraction": holdout_fraction, "counts": counts,
+            "images": len(rows), "quarantined": len(quarantined)}
+    return rows, quarantined, meta
+
+
+def write_manifest(workdir: Path, dataset: str, rows: list[dict[str, Any]], quarantined: list[dict[str, Any]],
+                   meta: dict[str, Any]) -> Path:
+    """Write the manifest parquet, meta JSON and quarantine JSONL atomically."""
+    import polars as pl
+
+    parquet, meta_path, q_path = manifest_paths(workdir, dataset)
+    schema = {"image_id": pl.String, "dataset": pl.String, "domain": pl.String, "domain_index": pl.Int32,
+              "class_name": pl.String, "label": pl.Int32, "path": pl.String, "width": pl.Int32,
+              "height": pl.Int32, "split": pl.String}
+    df = pl.DataFrame(rows, schema=schema).select(MANIFEST_COLUMNS)
+    with atomic_path(parquet, ".parquet") as tmp:
+        df.write_parquet(tmp, statistics=False)
+    write_text_atomic(q_path, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined))
+    write_json_atomic(meta_path, meta)  # written last: its presence marks a complete manifest
+    return parquet
+
+
+def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_seed: int = 0,
+                  holdout_fraction: float = 0.2, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Index one dataset; return its meta (counts, quarantined)."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    ds_dir = dataset_dir(root, dataset)
+    rows, quarantined, meta = build_manifest(ds_dir, dataset, trial_seed, holdout_fraction, max_pixels,
+                                             workers, progress)
+    if not rows:
+        raise LayoutError(f"{ds_dir}: every image is broken; see the quarantine list")
+    write_manifest(Path(workdir), dataset, rows, quarantined, meta)
+    return meta
+
+
+# --- stage protocol -------------------------------------------------------------------------
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    meta = index_dataset(cfg["root"], cfg["dataset"], workdir, int(cfg.get("trial_seed", 0)),
+                         float(cfg.get("holdout_fraction", 0.2)), int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    return {"images": meta["images"], "quarantined": meta["quarantined"]}
+
+
+def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    return list(manifest_paths(workdir, cfg["dataset"]))
+
+
+def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    try:
+        return [dataset_dir(cfg["root"], cfg["dataset"])]
+    except FileNotFoundError:
+        return [Path(cfg["root"]) / cfg["dataset"]]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="dataset name, e.g. PACS or SynthShapes")
+    p.add_argument("--root", required=True, help="data root holding ROOT/<dataset>/<domain>/<class>/<image>")
+    p.add_argument("--workdir", "-w", required=True, help="work directory; writes W/manifest/<dataset>.parquet")
+    p.add_argument("--trial-seed", type=int, default=0, help="DomainBed trial seed for the in/out split (default 0)")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, help="fraction of each domain in `out` (default 0.2)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images are quarantined as decompression bombs (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dbr_builder.cli import UserError
+
+    try:
+        meta = index_dataset(args.root, args.dataset, args.workdir, args.trial_seed, args.holdout_fraction,
+                             args.max_pixels, args.workers)
+    except (LayoutError, ValueError) as e:
+        raise UserError(str(e)) from None
+    parquet, _, q_path = manifest_paths(args.workdir, args.dataset)
+    print(f"{args.dataset}: {meta['images']} images, {len(meta['domains'])} domains, {len(meta['classes'])} classes "
+          f"-> {parquet}")
+    for dom, n in meta["counts"].items():
+        print(f"  {dom:<24} {n:>7}")
+    if meta["quarantined"]:
+        print(f"  {meta['quarantined']} broken file(s) quarantined, reasons in {q_path}")
+    return 0

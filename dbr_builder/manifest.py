@@ -1,0 +1,75 @@
+"""The image manifest and DomainBed's exact environment / split rules.
+
+DomainBed builds one torchvision ``ImageFolder`` per domain (domains = sorted
+sub-folders) and splits each with ``misc.split_dataset(env, int(len(env) * 0.2),
+misc.seed_hash(trial_seed, env_i))``: the first 20% of a seeded
+``numpy.random.RandomState`` shuffle is the ``out`` (validation) split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+MANIFEST_COLUMNS = ["image_id", "dataset", "domain", "domain_index", "class_name", "label", "path",
+                    "width", "height", "split"]
+
+
+def seed_hash(*args: Any) -> int:
+    """DomainBed's ``misc.seed_hash``: an int seed derived from the args' repr."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+
+
+def holdout_keys(n: int, trial_seed: int, env_index: int, holdout_fraction: float = 0.2) -> set[int]:
+    """Indices (in ImageFolder order) of the ``out`` split of environment ``env_index``."""
+    import numpy as np
+
+    keys = list(range(n))
+    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
+    return set(keys[: int(n * holdout_fraction)])
+
+
+def find_classes(domain_dir: Path) -> list[str]:
+    """Sorted class folder names of one domain (ImageFolder's ``find_classes``)."""
+    return sorted(e.name for e in os.scandir(domain_dir) if e.is_dir())
+
+
+def list_images(domain_dir: Path, classes: list[str]) -> list[tuple[str, str]]:
+    """(relative path from the domain folder, class) in ImageFolder's ``make_dataset`` order."""
+    out: list[tuple[str, str]] = []
+    for cls in classes:
+        base = domain_dir / cls
+        for root, _, fnames in sorted(os.walk(base, followlinks=True)):
+            for fname in sorted(fnames):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    out.append((os.path.relpath(os.path.join(root, fname), domain_dir), cls))
+    return out
+
+
+def manifest_paths(workdir: str | Path, dataset: str) -> tuple[Path, Path, Path]:
+    """(parquet, meta JSON, quarantine JSONL) paths of a dataset's manifest."""
+    d = Path(workdir) / "manifest"
+    return d / f"{dataset}.parquet", d / f"{dataset}.json", d / f"{dataset}.quarantine.jsonl"
+
+
+def load_manifest(workdir: str | Path, dataset: str):
+    """Load ``W/manifest/<dataset>.parquet`` and its meta; clear error if ``dbr index`` has not run."""
+    import polars as pl
+
+    parquet, meta_path, _ = manifest_paths(workdir, dataset)
+    if not parquet.exists() or not meta_path.exists():
+        raise FileNotFoundError(
+            f"{parquet}: no manifest for {dataset}; run `dbr index {dataset} --root ROOT --workdir {workdir}` first"
+        )
+    return pl.read_parquet(parquet), json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def image_path(meta: dict[str, Any], rel_path: str) -> Path:
+    """Absolute path of a manifest row's image."""
+    return Path(meta["root"]) / rel_path
