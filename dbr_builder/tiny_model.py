@@ -77,6 +77,7 @@ MERGE_SIZE = 2
 MIN_PIXELS = 112 * 112
 MAX_PIXELS = 224 * 224
 
+MARKER = "tiny_model.json"  # written into a build folder last: {spec_hash, spec}
 TOKENIZER_VOCAB = 2048  # BPE target, before added tokens
 
 TEXT_CONFIG: dict[str, Any] = {
@@ -163,9 +164,50 @@ Picture 1 is a dog. Picture 2 is a horse. What is Picture 3?
 """
 
 
+# Broader vocabulary so free-form captions and teacher chains do not fall back to single bytes.
+_WORDS: dict[str, str] = {
+    "color": "red blue green yellow orange purple pink brown black white gray grey cyan magenta "
+    "beige violet turquoise gold silver dark light pale bright vivid muted colorful monochrome",
+    "texture": "smooth rough striped dotted spotted checkered wooden metal plastic glass fabric "
+    "leather paper stone concrete furry feathered shiny matte glossy transparent blurry sharp "
+    "noisy grainy faded watercolor oil acrylic charcoal ink crayon pastel hatching stippled",
+    "animal": "cat kitten puppy cow sheep goat pig deer fox wolf bear lion tiger zebra monkey "
+    "mouse rat duck chicken owl eagle parrot fish shark whale turtle snake lizard frog insect "
+    "butterfly spider animals mammal wildlife fur paws tail snout whiskers mane trunk tusks hooves",
+    "object": "cup plate bowl glass bottle box bag ball book phone screen lamp light window door "
+    "wall floor roof stairs fence road street bridge tree flower leaf branch grass sky cloud sun "
+    "moon water river lake sea beach sand snow mountain hill rock field forest garden park city "
+    "building tower vehicle truck bus bicycle motorcycle boat train plane wheel engine seat sofa "
+    "bench desk shelf cabinet drawer clock watch camera toy doll bear instrument piano violin "
+    "drum strings neck body head face eye ear nose mouth hand arm leg foot shoe hat coat shirt "
+    "dress hair child man woman people crowd player",
+    "scene": "indoor outdoor kitchen office bedroom living room bathroom street market farm zoo "
+    "studio museum gallery stage background foreground center corner edge border left right top "
+    "bottom middle front behind above below beside between inside outside near far close",
+    "verb": "is are was were has have shows show appears looks seems contains holds stands sits "
+    "lies runs walks flies swims jumps plays eats drinks sleeps smiles points faces carries "
+    "wears covers surrounds touches crosses leans hangs rests grows shines reflects casts "
+    "identify describe classify recognize compare count measure notice observe consider "
+    "conclude decide verify check confirm suggests indicates implies matches differs resembles",
+    "adjective": "large small big tiny huge long short tall wide narrow thick thin round "
+    "square curved straight pointed flat deep shallow old young new modern ancient simple "
+    "complex detailed abstract realistic stylized hand-drawn digital printed natural artificial "
+    "wild domestic happy calm busy empty crowded visible hidden partial whole main typical "
+    "distinctive similar different clear unclear likely unlikely possible correct wrong",
+    "function": "the a an of in on at to from with without by for and or but not no yes this "
+    "that these those it its they their there here which what who where when why how because "
+    "so then than as if while each every some any all both either neither one two three four "
+    "five six seven eight nine ten first second third last also only very more most less least",
+}  # fmt: skip
+
+
 def _corpus() -> list[str]:
     """Lines of text the tokenizer is trained on (deterministic)."""
     lines = _PROSE.splitlines()
+    for kind, words in _WORDS.items():
+        ws = words.split()
+        lines.append(f"{kind.capitalize()} words: " + ", ".join(ws) + ".")
+        lines.append(" ".join(w.capitalize() for w in ws))
     for dataset, classes in DATASET_CLASSES.items():
         domains = DATASET_DOMAINS[dataset]
         names = [c.replace("_", " ") for c in classes]
@@ -255,7 +297,9 @@ def _train_tokenizer() -> Any:
         clean_up_tokenization_spaces=False,
         errors="replace",
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True
+    )
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAIN_TAGS])
     return tokenizer
 
@@ -320,6 +364,14 @@ def _build_into(dest: Path, seed: int) -> None:
     processor.save_pretrained(dest)
 
 
+def _is_build(out: Path, spec_hash: str) -> bool:
+    """Whether ``out`` holds a complete build of this spec (the marker is written last)."""
+    try:
+        return json.loads((out / MARKER).read_text()).get("spec_hash") == spec_hash
+    except (OSError, ValueError):
+        return False
+
+
 def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
     """Build (or reuse) the tiny Qwen2.5-VL student and return its folder.
 
@@ -330,11 +382,9 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
     spec = build_spec(seed)
     spec_hash = stable_hash(spec)[:12]
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / f"tiny-qwen2vl-{spec_hash}"
-    marker = out / "tiny_model.json"
-    if out.exists() and not force:
-        if marker.exists() and json.loads(marker.read_text()).get("spec_hash") == spec_hash:
-            return out
-    if out.exists() and any(out.iterdir()) and not marker.exists():
+    if _is_build(out, spec_hash) and not force:
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / MARKER).exists():
         from dbr_builder.cli import UserError
 
         raise UserError(
@@ -344,23 +394,25 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # mkdtemp makes a private (0700) folder; a cache folder should be readable like any other.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         _build_into(tmp, seed)
-        (tmp / "tiny_model.json").write_text(
+        (tmp / MARKER).write_text(
             json.dumps({"spec_hash": spec_hash, "spec": spec}, indent=2, sort_keys=True) + "\n"
         )
+        if _is_build(out, spec_hash) and not force:
+            # A concurrent builder finished the identical build first: keep it.
+            return out
         if out.exists():
-            # Keep the old build aside until the new one is in place.
+            # Move the old build (or empty folder) aside, put the new one in place, then delete.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
+            os.replace(out, old / "build")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                # A concurrent builder won the race; its identical build is kept.
-                if not marker.exists():
-                    raise
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
