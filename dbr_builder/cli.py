@@ -32,7 +32,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         except StageNotBuilt as e:
             missing[verb] = str(e)
             p = sub.add_parser(verb, help=f"{HELP[verb]} [not built yet]", description=str(e))
-            p.add_argument("rest", nargs=argparse.REMAINDER)
             continue
         p = sub.add_parser(verb, help=HELP[verb], description=(mod.__doc__ or HELP[verb]).strip().splitlines()[0])
         mod.add_arguments(p)
@@ -47,10 +46,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dbr`` console script."""
     parser, missing = build_parser()
-    args = parser.parse_args(argv)
-    if args.verb in missing:
-        print(f"dbr {args.verb}: {missing[args.verb]}", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb in missing and not {"-h", "--help"} & set(argv):
+        print(f"dbr {verb}: {missing[verb]}", file=sys.stderr)
         return 2
+    args = parser.parse_args(argv)
     try:
         return int(args._main(args) or 0)
     except StageNotBuilt as e:

@@ -41,6 +41,9 @@ HELP: dict[str, str] = {
 }
 
 
+REQUIRED = ("add_arguments", "main", "run", "outputs")
+
+
 class StageNotBuilt(RuntimeError):
     """The module implementing a stage is not part of this version."""
 
@@ -49,10 +52,14 @@ def load_stage(stage: str) -> ModuleType:
     """Import the module implementing ``stage``."""
     modname = STAGES[stage]
     try:
-        return importlib.import_module(modname)
+        mod = importlib.import_module(modname)
     except ModuleNotFoundError as e:
         if e.name and (e.name == modname or modname.startswith(e.name + ".")):
             raise StageNotBuilt(
                 f"the `{stage}` stage is not built in this version of dbr-builder ({modname} is missing)"
             ) from None
         raise
+    lacking = [a for a in REQUIRED if not hasattr(mod, a)]
+    if lacking:
+        raise StageNotBuilt(f"the `{stage}` stage is not built yet ({modname} lacks {', '.join(lacking)})")
+    return mod
