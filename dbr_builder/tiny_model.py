@@ -232,11 +232,12 @@ def _corpus() -> list[str]:
 
 def build_spec(seed: int = 0) -> dict[str, Any]:
     """The full description of a build; its hash names the cache folder."""
-    import transformers
+    from importlib.metadata import version
 
     return {
         "builder_version": BUILDER_VERSION,
-        "transformers_major": transformers.__version__.split(".")[0],
+        # Saved-file formats change across transformers majors (v4 vs v5 tokenizer/processor files).
+        "transformers_major": version("transformers").split(".")[0],
         "seed": seed,
         "text_config": TEXT_CONFIG,
         "vision_config": VISION_CONFIG,
