@@ -1,0 +1,177 @@
+"""transformers backend: batched ``generate`` with any ``AutoModelForImageTextToText``, CPU or GPU.
+
+Prompts go through the processor's chat template, so any image-text-to-text model with a
+chat template works, including several images interleaved with text in one turn (in-context
+examples). Requests with the same sampling settings are batched together (left padding);
+``n`` candidates come from ``num_return_sequences``. ``adapter=<dir>`` loads a PEFT LoRA
+adapter (from ``dbr train``) on top of the base model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.backends import BackendError, Request, Result
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise BackendError(f"hf backend: unknown dtype {dtype!r} (use auto, float32, bfloat16, float16)") from None
+
+
+class HFBackend:
+    """Generation with transformers (see module doc)."""
+
+    wants_images = True
+
+    def __init__(self, model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
+                 batch_size: int = 8, max_pixels: int | None = None, min_pixels: int | None = None,
+                 attn_implementation: str | None = None, trust_remote_code: bool = False,
+                 merge_adapter: bool = False, local_files_only: bool | None = None):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        is_dir = Path(model).is_dir()
+        # A local folder never needs the network; a Hub id may (unless the caller forbids it).
+        lfo = is_dir if local_files_only is None else local_files_only
+        try:
+            self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                                           local_files_only=lfo)
+            kw: dict[str, Any] = {"dtype": _resolve_dtype(dtype, self.device),
+                                  "trust_remote_code": trust_remote_code, "local_files_only": lfo}
+            if attn_implementation:
+                kw["attn_implementation"] = attn_implementation
+            net = AutoModelForImageTextToText.from_pretrained(model, **kw)
+        except OSError as e:
+            raise BackendError(f"hf backend: cannot load model {model!r}: {e}") from None
+        if adapter:
+            if not (Path(adapter) / "adapter_config.json").exists():
+                raise BackendError(f"hf backend: {adapter}/adapter_config.json not found; "
+                                   "adapter= must be a PEFT adapter folder (e.g. from `dbr train`)")
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, adapter)
+            if merge_adapter:
+                net = net.merge_and_unload()
+        self.net = net.to(self.device).eval()
+        self.model = f"{model}+{adapter}" if adapter else model
+        self.batch_size = max(1, int(batch_size))
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        tok.padding_side = "left"  # generation continues from the right end of every row
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        gen_cfg = getattr(self.net, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tok.pad_token_id
+
+    @classmethod
+    def from_loaded(cls, net: Any, processor: Any, name: str, batch_size: int = 8,
+                    max_pixels: int | None = None) -> HFBackend:
+        """Wrap a model already in memory (e.g. the student during training)."""
+        self = cls.__new__(cls)
+        self.net, self.processor, self.model = net, processor, name
+        self.device = str(next(net.parameters()).device)
+        self.batch_size, self.max_pixels, self.min_pixels = batch_size, max_pixels, None
+        tok = getattr(processor, "tokenizer", processor)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        eos = getattr(getattr(net, "generation_config", None), "eos_token_id", None) or tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tok.pad_token_id
+        return self
+
+    def _messages(self, req: Request) -> tuple[list[dict], list[Any]]:
+        from dbr_builder.imageprep import load_image
+
+        parts, images = [], []
+        for p in req.content:
+            if p.get("type") == "image":
+                img = p.get("image") or load_image(p["path"], self.max_pixels, self.min_pixels)
+                images.append(img)
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": p["text"]})
+        return [{"role": "user", "content": parts}], images
+
+    def _run_chunk(self, chunk: list[Request]) -> list[Result]:
+        import torch
+
+        texts, images = [], []
+        for req in chunk:
+            msgs, imgs = self._messages(req)
+            texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            images.extend(imgs)
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        r0 = chunk[0]
+        do_sample = r0.temperature > 0
+        gen_kw: dict[str, Any] = {"max_new_tokens": r0.max_new_tokens, "do_sample": do_sample,
+                                  "num_return_sequences": r0.n, "pad_token_id": self.pad_id}
+        if do_sample:
+            gen_kw.update(temperature=r0.temperature, top_p=r0.top_p)
+        if r0.seed is not None:
+            torch.manual_seed(r0.seed)
+        with torch.inference_mode():
+            out = self.net.generate(**inputs, **gen_kw)
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        results = []
+        for i, req in enumerate(chunk):
+            cands, finishes, ntok = [], [], 0
+            for seq in new[i * req.n:(i + 1) * req.n]:
+                stop_at = next((k for k, t in enumerate(seq) if t in self.eos_ids), None)
+                body = seq if stop_at is None else seq[:stop_at]
+                if stop_at is None and self.pad_id is not None:
+                    while body and body[-1] == self.pad_id and self.pad_id not in self.eos_ids:
+                        body = body[:-1]
+                ntok += len(body) + (stop_at is not None)
+                cands.append(self.tokenizer.decode(body, skip_special_tokens=True))
+                finishes.append("stop" if stop_at is not None else "length")
+            results.append(Result(req.key, cands, ntok, finishes))
+        return results
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Generate for all requests; one failing chunk is retried request by request."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(r.n, r.max_new_tokens, r.temperature, r.top_p, r.seed)].append(i)
+        out: list[Result | None] = [None] * len(requests)
+        for (n, *_), idx in groups.items():
+            per = max(1, self.batch_size // max(1, n))  # batch_size counts sequences, n per request
+            for s in range(0, len(idx), per):
+                ids = idx[s:s + per]
+                chunk = [requests[i] for i in ids]
+                try:
+                    res = self._run_chunk(chunk)
+                except Exception as e:  # noqa: BLE001 - isolate the bad request, keep the run going
+                    if len(chunk) == 1:
+                        res = [Result(chunk[0].key, [], 0, [], error=f"{_cause(e)}: {e}"[:500])]
+                    else:
+                        res = [self.generate([r])[0] for r in chunk]
+                for i, r in zip(ids, res, strict=True):
+                    out[i] = r
+        return [r for r in out if r is not None]
+
+
+def _cause(e: Exception) -> str:
+    name = type(e).__name__
+    if "OutOfMemory" in name:
+        return "oom"
+    if isinstance(e, OSError):
+        return "image"
+    return name
