@@ -1,0 +1,559 @@
+"""Evaluate held-out-domain accuracy of trained students and baselines; write DomainBed-style tables.
+
+``dbr eval --config FILE --workdir W`` evaluates
+
+- the *students* trained by ``dbr train``: every ``W/runs/<run>/<Dataset>/<heldout>/seed<k>/final/``
+  (a PEFT adapter plus ``student.json``) on its own held-out domain, and/or
+- *models* given by backend SPEC (``hf:``, ``vllm:``, ``openai:``; e.g. GPT-4o or a ``vllm serve``
+  endpoint as baselines, optionally with a LoRA ``adapter``) on every held-out domain,
+
+in one or more modes: ``direct`` (q_cls, answer parsed to a class), ``reasoning`` (q_reason, class
+read from ``<CONCLUSION>``), ``choice`` (the OOD-generalization paper's zero-shot ``Answer Choice:``
+protocol) and ``icl`` (k labelled examples from the training domains before the query). The
+held-out domain is evaluated on all its images (DomainBed's test-domain protocol).
+
+Requests go through :func:`dbr_builder.backends.make_backend` in batches. Every answer is appended
+to ``W/runs/<run>/eval/predictions/<job>.jsonl`` as soon as its batch returns, so an interrupted
+run resumes where it stopped (a job's file name hashes everything that changes its answers:
+model, adapter, mode, shots, prompts, generation settings). Answers are parsed when the tables are
+made, so a better parser rescores without regenerating. Outputs: ``W/runs/<run>/eval/results.{json,md,tex}``
+and ``<Dataset>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.config import ConfigError
+
+PER_DATASET = False
+
+MODES = ("direct", "reasoning", "choice", "icl")
+DEFAULT_MAX_NEW_TOKENS = {"direct": 32, "reasoning": 1024, "choice": 64, "icl": 64}
+STUDENT_FIELDS = ("base_model", "dataset", "heldout_domain", "trial_seed", "classes")
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (model, mode, shots) evaluated on one held-out domain of one dataset for one trial seed."""
+
+    name: str  # the model's display name (table row prefix)
+    spec: str  # backend spec
+    adapter: str | None
+    mode: str
+    shots: int
+    dataset: str
+    heldout: str
+    trial_seed: int
+    options: tuple[tuple[str, Any], ...] = ()  # backend options (sorted items)
+
+    @property
+    def method(self) -> str:
+        """Table row name, e.g. ``mtct_sarr [reasoning]`` or ``gpt-4o [icl k=4]``."""
+        tag = f"icl k={self.shots}" if self.mode == "icl" else self.mode
+        return f"{self.name} [{tag}]"
+
+    @property
+    def backend_key(self) -> tuple:
+        return (self.spec, self.adapter, self.options)
+
+
+def safe_name(s: str) -> str:
+    """A file-name-safe form of ``s`` (``Real World`` -> ``Real_World``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "x"
+
+
+def _mode_list(value: Any, where: str) -> list[str]:
+    modes = [value] if isinstance(value, str) else list(value or [])
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ConfigError(f"{where}: unknown mode(s) {', '.join(map(str, bad))}; use {', '.join(MODES)}")
+    return modes
+
+
+def find_students(workdir: Path, run: str, datasets: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The trained students of ``W/runs/<run>/``: one dict per ``final/student.json`` (plus ``dir``)."""
+    base = Path(workdir) / "runs" / run
+    out = []
+    for p in sorted(base.glob("*/*/seed*/final/student.json")):
+        try:
+            info = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p}: unreadable student.json ({e}); rerun `dbr train` for this student") from None
+        missing = [k for k in STUDENT_FIELDS if k not in info]
+        if missing:
+            raise ConfigError(f"{p}: student.json lacks {', '.join(missing)}; rerun `dbr train` for this student")
+        if datasets and info["dataset"] not in datasets:
+            continue
+        adapter = info.get("adapter")
+        info["adapter_dir"] = str((p.parent / adapter).resolve() if adapter else p.parent.resolve())
+        info["dir"] = str(p.parent)
+        out.append(info)
+    return out
+
+
+def _student_spec(base_model: str, kind: str) -> str:
+    """Backend spec of a student's base model (``student.json`` stores a model id or path)."""
+    from dbr_builder.backends import KINDS
+
+    head = base_model.split(":", 1)[0].lower()
+    return base_model if head in KINDS and ":" in base_model else f"{kind}:{base_model}"
+
+
+def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]]) -> list[Job]:
+    """Expand the eval config into jobs; ``domains`` maps each dataset to its sorted domains."""
+    jobs: list[Job] = []
+    datasets = list(domains)
+    heldouts = cfg.get("heldout_domains")
+    seeds = [int(s) for s in cfg.get("trial_seeds") or [0]]
+    default_shots = [int(k) for k in cfg.get("shots") or [0, 2, 4, 8]]
+    run = cfg.get("run") or "eval"
+    if cfg.get("students", True):
+        students_run = cfg.get("students_run") or run
+        found = find_students(workdir, students_run, datasets)
+        smodes = _mode_list(cfg.get("student_modes") or ["direct", "reasoning"], "student_modes")
+        for st in found:
+            if heldouts and st["heldout_domain"] not in heldouts:
+                continue
+            for mode in smodes:
+                for k in (default_shots if mode == "icl" else [0]):
+                    jobs.append(Job(cfg.get("student_name") or students_run,
+                                    _student_spec(st["base_model"], cfg.get("student_backend", "hf")),
+                                    st["adapter_dir"], mode, k, st["dataset"], st["heldout_domain"],
+                                    int(st["trial_seed"]),
+                                    tuple(sorted((cfg.get("student_options") or {}).items()))))
+        if cfg.get("students") is True and not found and not cfg.get("models"):
+            raise ConfigError(
+                f"no trained students under {workdir / 'runs' / students_run}/<Dataset>/<heldout>/seed<k>/final/"
+                "student.json; run `dbr train` first, or list baseline `models:` in the eval config"
+            )
+    for i, m in enumerate(cfg.get("models") or []):
+        where = f"models[{i}]"
+        if "spec" not in m:
+            raise ConfigError(f"{where}: give the model's backend `spec` (e.g. hf:PATH, vllm:MODEL, openai:gpt-4o)")
+        modes = _mode_list(m.get("modes") or cfg.get("modes") or ["choice"], f"{where}.modes")
+        shots = [int(k) for k in m.get("shots") or default_shots]
+        mseeds = [int(s) for s in m.get("trial_seeds") or seeds]
+        adapter = str(Path(m["adapter"]).resolve()) if m.get("adapter") else None
+        for ds in datasets:
+            for dom in domains[ds]:
+                if heldouts and dom not in heldouts:
+                    continue
+                for mode in modes:
+                    for k in (shots if mode == "icl" else [0]):
+                        for s in mseeds:
+                            jobs.append(Job(m.get("name") or m["spec"], m["spec"], adapter, mode, k, ds, dom, s,
+                                            tuple(sorted((m.get("options") or {}).items()))))
+    return jobs
+
+
+# ---------------------------------------------------------------- prompts and requests
+
+
+def _max_new_tokens(cfg: dict[str, Any], mode: str) -> int:
+    v = cfg.get("max_new_tokens")
+    if isinstance(v, int):
+        return v
+    return int({**DEFAULT_MAX_NEW_TOKENS, **(v or {})}[mode])
+
+
+def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: list[str],
+                  examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The user turn of one request (image parts carry absolute paths)."""
+    from dbr_builder import icl, prompts
+    from dbr_builder.manifest import image_path
+
+    img = str(image_path(meta, row["path"]))
+    if job.mode in ("direct", "reasoning"):
+        name = "q_cls" if job.mode == "direct" else "q_reason"
+        return [{"type": "image", "path": img},
+                {"type": "text", "text": prompts.render(name, **prompts.class_fields(classes))}]
+    if job.mode == "choice":
+        return icl.choice_content(img, classes)
+    exs = [(str(image_path(meta, e["path"])), e["class_name"]) for e in examples]
+    return icl.icl_content(exs, img, classes)
+
+
+def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes a job's answers (its prediction file is named by this hash)."""
+    from dbr_builder import prompts
+    from dbr_builder.fsutil import tree_fingerprint
+
+    names = {"direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
+             "icl": ["zeroshot_choice", "icl_example", "icl_query"]}[job.mode]
+    return {
+        "spec": job.spec, "options": [list(o) for o in job.options], "mode": job.mode, "shots": job.shots,
+        "adapter": job.adapter,
+        # a retrained adapter in the same folder must not reuse old answers
+        "adapter_files": tree_fingerprint([Path(job.adapter)]) if job.adapter else None,
+        "prompts": {n: prompts.prompt_id(n) for n in names},
+        "max_new_tokens": _max_new_tokens(cfg, job.mode), "temperature": float(cfg.get("temperature", 0.0)),
+        "top_p": float(cfg.get("top_p", 1.0)), "seed": int(cfg.get("seed", 0)),
+        "icl_split": cfg.get("icl_split", "in") if job.mode == "icl" else None,
+        "trial_seed": job.trial_seed, "dataset": job.dataset, "heldout": job.heldout,
+    }
+
+
+def job_file(eval_dir: Path, job: Job, cfg: dict[str, Any]) -> Path:
+    """``predictions/<name>__<Dataset>__<heldout>__seed<k>__<mode>__<hash>.jsonl``."""
+    from dbr_builder.fsutil import stable_hash
+
+    tag = f"icl{job.shots}" if job.mode == "icl" else job.mode
+    h = stable_hash(job_fingerprint(job, cfg))[:12]
+    return eval_dir / "predictions" / (
+        f"{safe_name(job.name)[:60]}__{safe_name(job.dataset)}__{safe_name(job.heldout)}__seed{job.trial_seed}"
+        f"__{tag}__{h}.jsonl")
+
+
+# ---------------------------------------------------------------- prediction store
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """image_id -> latest record of a job file; a torn last line (crash mid-write) is ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # only the last line can be torn; its request is simply redone
+            prev = out.get(rec["image_id"])
+            if prev is None or prev.get("error") is not None or rec.get("error") is None:
+                out[rec["image_id"]] = rec  # a good answer is final; an error is replaced by a retry
+    return out
+
+
+def append_predictions(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records as JSON lines and fsync (one batch = one durable write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        # a torn previous line gets its own line so the new records stay parseable
+        if f.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write("\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass
+class DatasetData:
+    """A dataset's manifest rows and meta, loaded once."""
+
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+    classes: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+
+
+def _load_datasets(workdir: Path, names: Sequence[str]) -> dict[str, DatasetData]:
+    from dbr_builder.manifest import load_manifest
+
+    out = {}
+    for ds in names:
+        df, meta = load_manifest(workdir, ds)
+        out[ds] = DatasetData(df.to_dicts(), meta, list(meta["classes"]), list(meta["domains"]))
+    return out
+
+
+def _datasets_of(cfg: dict[str, Any], workdir: Path) -> list[str]:
+    if cfg.get("datasets"):
+        return list(cfg["datasets"])
+    if cfg.get("dataset"):
+        return [cfg["dataset"]]
+    # no list given: the datasets that trained students exist for
+    run = cfg.get("students_run") or cfg.get("run") or "eval"
+    found = sorted({s["dataset"] for s in find_students(workdir, run)}) if cfg.get("students", True) else []
+    if not found:
+        raise ConfigError("eval: give `datasets:` (or --dataset); no trained students found to infer them from")
+    return found
+
+
+def _eval_items(job: Job, data: DatasetData, limit: int | None) -> list[dict[str, Any]]:
+    rows = [r for r in data.rows if r["domain"] == job.heldout]
+    if not rows:
+        raise ConfigError(f"{job.dataset}: held-out domain {job.heldout!r} has no images in the manifest "
+                          f"(domains: {', '.join(data.domains)})")
+    if limit:
+        # image_id is a content hash: sorting by it is a fixed, class-mixed sample
+        rows = sorted(rows, key=lambda r: r["image_id"])[:limit]
+    return rows
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _free(backend: Any) -> None:
+    """Drop a backend and give its GPU memory back before the next model loads."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
+    del backend
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, path: Path,
+            progress: bool = True) -> dict[str, int]:
+    """Generate the missing answers of one job, appending each batch to ``path``."""
+    from tqdm import tqdm
+
+    from dbr_builder.backends import Request
+    from dbr_builder.icl import icl_pool, select_examples
+
+    items = _eval_items(job, data, cfg.get("limit"))
+    done = {k for k, r in read_predictions(path).items() if r.get("error") is None}
+    todo = [r for r in items if r["image_id"] not in done]
+    if not todo:
+        return {"items": len(items), "generated": 0, "errors": 0}
+    pool = icl_pool(data.rows, job.heldout, cfg.get("icl_split", "in")) if job.mode == "icl" else []
+    seed = int(cfg.get("seed", 0))
+    backend = backend_factory()
+    errors = 0
+    bar = tqdm(total=len(todo), desc=f"eval {job.method} {job.dataset}/{job.heldout} seed{job.trial_seed}",
+               unit="img", disable=not progress, file=sys.stderr)
+    for batch in _batches(todo, int(cfg.get("batch_size", 8))):
+        reqs, extras = [], {}
+        for row in batch:
+            exs = (select_examples(pool, job.shots, job.trial_seed, row["image_id"], job.heldout)
+                   if job.mode == "icl" else [])
+            extras[row["image_id"]] = [e["image_id"] for e in exs]
+            reqs.append(Request(key=row["image_id"], content=build_content(job, row, data.meta, data.classes, exs),
+                                n=1, max_new_tokens=_max_new_tokens(cfg, job.mode),
+                                temperature=float(cfg.get("temperature", 0.0)),
+                                top_p=float(cfg.get("top_p", 1.0)), seed=seed))
+        results = {r.key: r for r in backend.generate(reqs)}
+        recs = []
+        for row in batch:
+            res = results.get(row["image_id"])
+            err = "backend returned no result" if res is None else res.error
+            if err is None and not res.texts:
+                err = "backend returned no text"
+            errors += err is not None
+            recs.append({
+                "image_id": row["image_id"], "domain": row["domain"], "class_name": row["class_name"],
+                "text": None if err else res.texts[0],
+                "finish_reason": (res.finish_reasons[0] if res and res.finish_reasons else None),
+                "out_tokens": res.out_tokens if res else 0, "error": err,
+                **({"examples": extras[row["image_id"]]} if job.mode == "icl" else {}),
+            })
+        append_predictions(path, recs)
+        bar.update(len(batch))
+    bar.close()
+    return {"items": len(items), "generated": len(todo), "errors": errors}
+
+
+def collect_records(jobs: list[Job], cfg: dict[str, Any], data: dict[str, DatasetData],
+                    eval_dir: Path) -> list[dict[str, Any]]:
+    """Parsed prediction records of every job (what :mod:`dbr_builder.results` aggregates).
+
+    An item without a stored answer (generation failed and was not retried yet) is scored
+    as unparseable with status ``error``, so accuracies are always over the whole domain.
+    """
+    from dbr_builder.eval_parsing import load_synonyms, parse_answer
+
+    syn = {ds: load_synonyms(ds, d.classes, cfg.get("synonyms")) for ds, d in data.items()}
+    out = []
+    for job in jobs:
+        d = data[job.dataset]
+        preds = read_predictions(job_file(eval_dir, job, cfg))
+        for row in _eval_items(job, d, cfg.get("limit")):
+            rec = preds.get(row["image_id"])
+            if rec is None or rec.get("error") is not None:
+                pred, status = None, "error"
+            else:
+                parsed = parse_answer(job.mode, rec.get("text"), d.classes, syn[job.dataset])
+                pred, status = parsed.pred, parsed.status
+            out.append({"method": job.method, "dataset": job.dataset, "heldout_domain": job.heldout,
+                        "trial_seed": job.trial_seed, "image_id": row["image_id"], "label": row["class_name"],
+                        "pred": pred, "status": status})
+    return out
+
+
+def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
+    """``W/runs/<run>/eval``."""
+    return Path(workdir) / "runs" / (cfg.get("run") or "eval") / "eval"
+
+
+def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
+    """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
+    from dbr_builder.backends import make_backend
+    from dbr_builder.fsutil import write_json_atomic
+    from dbr_builder.results import load_paper_table, write_reports
+
+    workdir = Path(workdir)
+    names = _datasets_of(cfg, workdir)
+    data = _load_datasets(workdir, names)
+    domains = {ds: d.domains for ds, d in data.items()}
+    jobs = plan_jobs(cfg, workdir, domains)
+    if not jobs:
+        raise ConfigError("eval: nothing to evaluate (no students matched and no `models:` given)")
+    eval_dir = eval_dir_of(cfg, workdir)
+    stats = {"jobs": len(jobs), "generated": 0, "errors": 0}
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(j.backend_key, []).append(j)
+    for (spec, adapter, options), group in groups.items():
+        holder: dict[str, Any] = {}
+
+        def factory(spec=spec, adapter=adapter, options=options, holder=holder):
+            # loaded only when some job of this model still has missing answers
+            if "b" not in holder:
+                opts = dict(options)
+                if adapter:
+                    opts["adapter"] = adapter
+                holder["b"] = make_backend(spec, **opts)
+            return holder["b"]
+
+        for job in group:
+            path = job_file(eval_dir, job, cfg)
+            if not path.with_suffix(".job.json").exists():
+                write_json_atomic(path.with_suffix(".job.json"),
+                                  {"job": asdict(job), "fingerprint": job_fingerprint(job, cfg)})
+            st = run_job(job, factory, cfg, data[job.dataset], path, progress)
+            stats["generated"] += st["generated"]
+            stats["errors"] += st["errors"]
+        if "b" in holder:
+            _free(holder.pop("b"))
+    records = collect_records(jobs, cfg, data, eval_dir)
+    paper = load_paper_table(cfg.get("paper_table")) if cfg.get("compare_paper", True) else None
+    paths = write_reports(records, eval_dir, domains, paper, cfg.get("error", "se"),
+                          title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`")
+    if stats["errors"]:
+        log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
+    return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+def outputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
+    """The result files (one chart per dataset of the config)."""
+    d = eval_dir_of(cfg, Path(workdir))
+    names = list(cfg.get("datasets") or ([cfg["dataset"]] if cfg.get("dataset") else []))
+    return [d / "results.json", d / "results.md", d / "results.tex", *[d / f"{ds}.png" for ds in names]]
+
+
+def inputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
+    """Files it reads that the pipeline does not produce upstream: students, synonyms, paper table."""
+    from dbr_builder.resources import resource_path
+
+    run_name = cfg.get("students_run") or cfg.get("run") or "eval"
+    out = [Path(cfg["synonyms"]) if cfg.get("synonyms") else resource_path("pipelines", "class_synonyms.yaml"),
+           Path(cfg["paper_table"]) if cfg.get("paper_table") else resource_path("pipelines", "paper_table1.yaml")]
+    if cfg.get("students", True):
+        out += [Path(s["dir"]) for s in find_students(Path(workdir), run_name)]
+    out += [Path(m["adapter"]) for m in cfg.get("models") or [] if m.get("adapter")]
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``dbr eval``."""
+    p.add_argument("--config", "-c", help="eval config (YAML): a pipeline with an `eval` stage or a mapping of "
+                                          "eval options, e.g. pipelines/eval.yaml")
+    p.add_argument("--workdir", "-w", help="work directory (default: the config's `workdir`, else ./work)")
+    p.add_argument("--model", metavar="SPEC",
+                   help="evaluate this backend instead of the config's students/models: hf:PATH, vllm:MODEL, "
+                        "openai:MODEL[@BASE_URL] (with --adapter: the base model of the adapter)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter: a student's final/ folder (with student.json; its base model, dataset, "
+                        "held-out domain and trial seed are used) or a PEFT adapter folder with --model")
+    p.add_argument("--name", help="row name of --model/--adapter in the tables (default: the spec)")
+    p.add_argument("--mode", action="append", choices=MODES,
+                   help="direct | reasoning | choice | icl (repeatable; default: the config's, else "
+                        "direct+reasoning for students and choice for models)")
+    p.add_argument("--shots", action="append", type=int, metavar="K",
+                   help="in-context examples for --mode icl (repeatable; default 0 2 4 8)")
+    p.add_argument("--dataset", action="append", metavar="NAME", help="dataset(s) to evaluate (repeatable)")
+    p.add_argument("--heldout", action="append", metavar="DOMAIN", help="only these held-out domains (repeatable)")
+    p.add_argument("--trial-seed", action="append", type=int, metavar="K",
+                   help="trial seed(s) for --model baselines (repeatable; default 0)")
+    p.add_argument("--run", help="run name: results go to W/runs/RUN/eval (default: the config's `run`, else eval)")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate at most N images per held-out domain (smoke tests)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="requests per backend call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="token budget of every mode's answer")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The eval cfg: the config file's eval options with command-line overrides applied."""
+    from dbr_builder.config import load_stage_config, stage_schema, validate
+
+    if args.config:
+        cfg = load_stage_config(args.config, "eval")
+    elif args.model or args.adapter:
+        cfg = {"stage": "eval"}
+    else:
+        raise ConfigError("dbr eval: give --config FILE (e.g. pipelines/eval.yaml), or --model SPEC / --adapter DIR")
+    if args.adapter:
+        adir = Path(args.adapter)
+        if not adir.is_dir():
+            raise FileNotFoundError(f"--adapter {adir}: no such folder")
+        sj = adir / "student.json"
+        if sj.exists():
+            info = json.loads(sj.read_text(encoding="utf-8"))
+            spec = args.model or _student_spec(info["base_model"], "hf")
+            cfg["datasets"] = args.dataset or [info["dataset"]]
+            cfg["heldout_domains"] = args.heldout or [info["heldout_domain"]]
+            cfg["trial_seeds"] = args.trial_seed or [int(info["trial_seed"])]
+            adapter = str((adir / info["adapter"]).resolve() if info.get("adapter") else adir.resolve())
+        elif not args.model:
+            raise ConfigError(f"--adapter {adir}: no student.json there; give its base model with --model SPEC")
+        else:
+            spec, adapter = args.model, str(adir.resolve())
+        default_modes = ["direct", "reasoning"]
+    else:
+        spec, adapter, default_modes = args.model, None, ["choice"]
+    if args.model or args.adapter:
+        cfg["students"] = False
+        cfg["models"] = [{"name": args.name or (Path(adapter).name if adapter and not args.model else spec),
+                          "spec": spec, **({"adapter": adapter} if adapter else {}),
+                          "modes": args.mode or default_modes}]
+    elif args.mode:
+        cfg["student_modes"] = args.mode
+        cfg["modes"] = args.mode
+        for m in cfg.get("models") or []:
+            m["modes"] = args.mode
+    for key, val in (("datasets", args.dataset), ("heldout_domains", args.heldout), ("trial_seeds", args.trial_seed),
+                     ("shots", args.shots), ("run", args.run), ("limit", args.limit),
+                     ("batch_size", args.batch_size), ("max_new_tokens", args.max_new_tokens)):
+        if val is not None:
+            cfg[key] = val
+    schema = stage_schema("eval")
+    if schema is not None:
+        validate(cfg, schema, args.config or "command line")
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dbr eval``: evaluate, write the tables, print the Markdown report."""
+    cfg = config_from_args(args)
+    workdir = Path(args.workdir or cfg.get("workdir") or "work")
+    summary = run(cfg, workdir, progress=not args.no_progress)
+    print(Path(summary["outputs"]["md"]).read_text(encoding="utf-8"))
+    print(f"results: {eval_dir_of(cfg, workdir)} ({summary['generated']} answers generated, "
+          f"{summary['records']} scored)")
+    return 0
