@@ -1,0 +1,229 @@
+"""Download a DomainBed dataset into ROOT in DomainBed's layout, verified and safely extracted.
+
+Sources come from the dataset registry (``pipelines/datasets.yaml``) in priority order: the
+original DomainBed sources, Hugging Face Hub parquet mirrors; or ``--from`` a local archive,
+folder, parquet file or URL. Downloads resume, the lock file ``ROOT/.dbr-download.lock.json``
+pins every artifact's size + sha256, and the finished tree is checked against the expected
+per-domain counts. See docs/download.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dbr_builder.cli import UserError
+from dbr_builder.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
+from dbr_builder.download.http import DownloadError, FetchOptions
+from dbr_builder.download.hub import MirrorError
+from dbr_builder.download.layouts import LayoutError
+from dbr_builder.download.registry import DatasetSpec, dataset_folder, get_dataset, load_registry
+from dbr_builder.download.sources import Context, build_archives, build_from, build_hub
+from dbr_builder.download.verify import (
+    CountMismatch,
+    Lock,
+    count_report,
+    count_tree,
+    find_duplicates,
+)
+
+PER_DATASET = True
+STAGING = ".staging"
+
+__all__ = ["PER_DATASET", "add_arguments", "main", "run", "outputs", "inputs", "dataset_folder",
+           "load_registry", "get_dataset"]
+
+# Errors after which the next source is worth trying; anything else (checksum mismatch against
+# the lock file, an unsafe archive, the size limit) stops the run so the user can look at it.
+_FALLBACK_ERRORS = (DownloadError, CorruptArchive, LayoutError, MirrorError)
+
+
+def _root(cfg: dict[str, Any], workdir: Path) -> Path:
+    return Path(cfg.get("root") or Path(workdir) / "raw")
+
+
+def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    """The dataset folder ``ROOT/<DomainBed folder>``."""
+    return [_root(cfg, workdir) / dataset_folder(cfg["dataset"], cfg.get("registry"))]
+
+
+def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    """A local ``from`` archive/folder (so that replacing it makes the stage stale)."""
+    src = cfg.get("from")
+    if src and "://" not in src:
+        return [Path(src).expanduser()]
+    return []
+
+
+def _options(cfg: dict[str, Any]) -> FetchOptions:
+    return FetchOptions(timeout=float(cfg.get("timeout", 10.0)), retries=int(cfg.get("retries", 3)),
+                        progress=True)
+
+
+def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dict[str, Any]:
+    """Count table (printed), problems (warnings, or an error with strict), duplicate groups."""
+    counts, classes = count_tree(dest, list(spec.domains))
+    table, problems = count_report(f"{spec.name} ({dest})", spec.domains, counts, classes, spec.classes,
+                                   spec.num_classes)
+    print(table)
+    for p in problems:
+        print(f"warning: {spec.name} {p}", file=sys.stderr)
+    if problems and strict:
+        raise CountMismatch(f"{dest}: the tree does not match the registry ({'; '.join(problems)}); "
+                            "rerun without --strict to accept it")
+    dups: list[list[str]] = find_duplicates(dest) if duplicates else []
+    if dups:
+        extra = sum(len(g) - 1 for g in dups)
+        print(f"note: {spec.name}: {len(dups)} groups of byte-identical files ({extra} redundant), e.g. "
+              f"{dups[0][:2]}", file=sys.stderr)
+    return {"counts": counts, "problems": problems, "duplicate_groups": len(dups),
+            "duplicates": dups[:50]}
+
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Make ``ROOT/<folder>`` hold the dataset; no network work when it is already complete."""
+    spec = get_dataset(cfg["dataset"], cfg.get("registry"))
+    root = _root(cfg, workdir)
+    dest = root / spec.folder
+    strict = bool(cfg.get("strict", False))
+    force = bool(cfg.get("force", False))
+    dups = bool(cfg.get("check_duplicates", True))
+    lock = Lock.load(root)
+    rec = lock.data["datasets"].get(spec.name)
+
+    if dest.exists() and not force:
+        counts, _ = count_tree(dest, list(spec.domains))
+        if rec and rec.get("complete") and rec.get("counts") == counts:
+            print(f"{spec.name}: {dest} is complete ({sum(counts.values())} images); nothing to do")
+            return {"dataset": spec.name, "path": str(dest), "status": "up to date", "counts": counts,
+                    "source": rec.get("source"), "bytes_downloaded": 0}
+        if all(counts.get(d, 0) > 0 for d in spec.domains):
+            # A tree the user already has (or one whose files changed): check it, no network.
+            print(f"{spec.name}: using the existing tree {dest}")
+            check = _check(spec, dest, strict, dups)
+            _record(lock, spec, dest, "existing tree", check, [])
+            return {"dataset": spec.name, "path": str(dest), "status": "present", "bytes_downloaded": 0,
+                    **check}
+        missing = [d for d in spec.domains if not counts.get(d)]
+        raise UserError(f"{dest} exists but is incomplete (no images for {', '.join(missing)}); "
+                        "move it away or rerun with --force to rebuild it")
+
+    budget = Budget(parse_size(cfg.get("max_extract_bytes") or DEFAULT_MAX_EXTRACT_BYTES))
+    opts = _options(cfg)
+    if cfg.get("from"):
+        attempts: list[Any] = ["--from"]
+    elif cfg.get("source"):
+        attempts = [spec.source(cfg["source"])]
+    else:
+        attempts = list(spec.sources)
+    if not attempts:
+        raise UserError(f"{spec.name} has no download source; pass --from PATH (e.g. `dbr synth` makes SynthShapes)")
+
+    root.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    for src in attempts:
+        label = "--from" if src == "--from" else f"source {src.name!r}"
+        staging = root / STAGING / f"{spec.folder}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        new = staging / "out"  # becomes dest only once complete
+        ctx = Context(spec, root, staging, lock, opts, budget)
+        try:
+            print(f"{spec.name}: trying {label}" + (f" ({src.description})" if src != "--from" and src.description
+                                                   else ""))
+            if src == "--from":
+                used = build_from(ctx, cfg["from"], new)
+            elif src.kind == "hub":
+                build_hub(ctx, src, new)
+                used = f"hub:{src.repo_id}"
+            else:
+                build_archives(ctx, src, new)
+                used = src.name
+            lock.save()  # artifact records survive even if the count check below fails
+            check = _check(spec, new, strict, dups)
+            _install(new, dest)
+            _record(lock, spec, dest, used, check, ctx.artifacts)
+            if cfg.get("delete_archives"):
+                shutil.rmtree(ctx.download_dir, ignore_errors=True)
+            print(f"{spec.name}: ready at {dest} (from {used}, {ctx.bytes_fetched} bytes downloaded, "
+                  f"{time.perf_counter() - t0:.1f}s)")
+            return {"dataset": spec.name, "path": str(dest), "status": "built", "source": used,
+                    "bytes_downloaded": ctx.bytes_fetched, "failed_sources": failures, **check}
+        except _FALLBACK_ERRORS as e:
+            if ctx.artifacts:
+                lock.save()  # keep the records of what was downloaded and verified
+            msg = f"{label}: {e}"
+            failures.append(msg)
+            print(f"{spec.name}: {msg}", file=sys.stderr)
+            if src != attempts[-1]:
+                print(f"{spec.name}: trying the next source", file=sys.stderr)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                (root / STAGING).rmdir()
+            except OSError:
+                pass
+    names = ", ".join(s.name for s in spec.sources) or "none"
+    raise UserError(
+        f"could not get {spec.name}:\n" + "\n".join(f"  - {f}" for f in failures)
+        + f"\nIf you already have the data, pass it with --from PATH (archive, folder or parquet file) "
+        f"or --from URL; or pick another source with --source NAME (sources: {names}). See docs/download.md."
+    )
+
+
+def _install(new: Path, dest: Path) -> None:
+    """Move the finished tree into place; an old tree (``--force``) is removed only afterwards."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _record(lock: Lock, spec: DatasetSpec, dest: Path, used: str, check: dict[str, Any],
+            artifacts: list[str]) -> None:
+    lock.data["datasets"][spec.name] = {
+        "folder": spec.folder, "source": used, "complete": True, "counts": check["counts"],
+        "problems": check["problems"], "duplicate_groups": check["duplicate_groups"],
+        "artifacts": artifacts, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    lock.save()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``dbr download``."""
+    p.add_argument("dataset", help="registry name: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet")
+    p.add_argument("--root", default="work/raw", help="data root; the dataset lands in ROOT/<DomainBed folder> "
+                   "(default: work/raw)")
+    p.add_argument("--source", help="use only this registry source (e.g. domainbed, hf-flwrlabs, lila)")
+    p.add_argument("--from", dest="from_", metavar="PATH_OR_URL",
+                   help="a local archive, folder or parquet file, or a URL, instead of the registry sources")
+    p.add_argument("--strict", action="store_true", help="per-domain count mismatches are errors")
+    p.add_argument("--force", action="store_true", help="rebuild ROOT/<folder> even if it exists")
+    p.add_argument("--registry", help="dataset registry YAML (default: pipelines/datasets.yaml)")
+    p.add_argument("--max-extract-bytes", default=None,
+                   help=f"total extracted size limit, e.g. 300G (default {DEFAULT_MAX_EXTRACT_BYTES // 1024**3}G)")
+    p.add_argument("--timeout", type=float, default=10.0, help="HTTP connect/read timeout in seconds (default 10)")
+    p.add_argument("--retries", type=int, default=3, help="retries per file on transient errors (default 3)")
+    p.add_argument("--delete-archives", action="store_true", help="delete downloaded archives after the build")
+    p.add_argument("--no-duplicate-check", dest="check_duplicates", action="store_false",
+                   help="skip the exact-duplicate report (hashes files sharing a size)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dbr download DATASET --root ROOT ...``"""
+    cfg = {"dataset": args.dataset, "root": args.root, "source": args.source, "from": args.from_,
+           "strict": args.strict, "force": args.force, "registry": args.registry,
+           "max_extract_bytes": args.max_extract_bytes, "timeout": args.timeout, "retries": args.retries,
+           "delete_archives": args.delete_archives, "check_duplicates": args.check_duplicates}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    run(cfg, Path("work"))
+    return 0
