@@ -1,0 +1,435 @@
+"""Fine-tune a student MLLM with MTCT then SARR, leave-one-domain-out (``dbr train``).
+
+For each dataset, held-out domain and trial seed, writes
+``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>/`` with one folder per stage (``mtct/``, ``sarr1/``,
+...; each a PEFT adapter + ``stage.json``) and ``final/`` (the stage with the best accuracy on the
+training domains' ``out`` splits) holding ``student.json``. Finished stages are reused on rerun; an
+interrupted stage resumes from its last checkpoint (``_work/<stage>/checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PER_DATASET = False
+STAGE = "train"
+
+DEFAULTS: dict[str, Any] = {
+    "run": "mtct_sarr",
+    "data": None,  # default <workdir>/hub; or a Hub dataset id
+    "heldout": None,  # None = every domain in turn (LODO)
+    "trial_seeds": [0],
+    "student": "OpenGVLab/InternVL3-8B-hf",
+    "processor_kwargs": {},
+    "max_length": 4096,
+    "finetune": "lora",  # lora | full
+    "lora": {},
+    "optim": {},
+    "batch_size": 128,
+    "micro_batch_size": 4,
+    "epochs": 3,
+    "max_steps": None,
+    "tasks": ["cls", "reason"],
+    "precision": "auto",
+    "gradient_checkpointing": "auto",
+    "checkpoint_every": 50,
+    "num_workers": 0,
+    "sarr": {},
+    "select": {},
+    "max_train_images": None,
+    "resume": True,
+}
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", "vision": True, "modules_to_save": None,
+}
+VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mlp1).*"
+
+
+def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("heldout", "max_steps")}}
+    out["lora"] = {**LORA_DEFAULTS, **(cfg.get("lora") or {})}
+    return out
+
+
+def _datasets(cfg: dict[str, Any]) -> list[str]:
+    ds = [cfg["dataset"]] if cfg.get("dataset") else list(cfg.get("datasets") or [])
+    if not ds:
+        from dbr_builder.config import ConfigError
+
+        raise ConfigError("train: no dataset; set `datasets:` in the pipeline or pass --dataset")
+    return ds
+
+
+def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
+    return str(cfg.get("data") or (Path(workdir) / "hub"))
+
+
+def seed_dir(workdir: Path, run: str, dataset: str, heldout: str, seed: int) -> Path:
+    """``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>``."""
+    from trainers.data import safe_split_name
+
+    return Path(workdir) / "runs" / run / dataset / safe_split_name(heldout) / f"seed{seed}"
+
+
+def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    c = _cfg(cfg)
+    return [Path(workdir) / "runs" / c["run"] / ds for ds in _datasets(c)]
+
+
+def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    src = Path(_data_source(_cfg(cfg), workdir))
+    return [src] if src.exists() and not src.is_relative_to(Path(workdir)) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def resolve_student(spec: str, workdir: Path) -> str:
+    """``tiny`` -> the tiny test student built under ``W/models/tiny``; anything else unchanged."""
+    if spec == "tiny":
+        from dbr_builder.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(Path(workdir) / "models" / "tiny"))
+    return spec
+
+
+def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
+    """Processor + model (LoRA-wrapped unless ``finetune: full``) on ``device``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = torch.bfloat16 if device.type == "cuda" and c["precision"] in ("auto", "bf16") else torch.float32
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        from dbr_builder.cli import UserError
+
+        raise UserError(f"student {path!r}: cannot load ({e}); set `student:` to a local folder or Hub id") from None
+    if getattr(processor, "chat_template", None) is None:
+        from dbr_builder.cli import UserError
+
+        raise UserError(f"student {path!r}: the processor has no chat template; MTCT needs one")
+    model.config.use_cache = False
+    if c["finetune"] == "full":
+        model.requires_grad_(True)
+        return processor, model.to(device)
+    from peft import LoraConfig, get_peft_model
+
+    lc = c["lora"]
+    conf = LoraConfig(
+        r=int(lc["r"]), lora_alpha=int(lc["alpha"]), lora_dropout=float(lc["dropout"]),
+        target_modules=lc["target_modules"], exclude_modules=None if lc["vision"] else VISION_MODULES,
+        modules_to_save=lc.get("modules_to_save") or None, bias="none",
+    )
+    model = get_peft_model(model, conf)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master weights for the trainable part under bf16 autocast
+    return processor, model.to(device)
+
+
+def save_stage(dest: Path, model: Any, processor: Any, info: dict[str, Any], full: bool,
+               extra_files: dict[str, Path] | None = None) -> None:
+    """Write a stage folder atomically: adapter (or full model) + stage.json."""
+    from dbr_builder.fsutil import write_json_atomic
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        if full:
+            processor.save_pretrained(tmp)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
+        write_json_atomic(tmp / "stage.json", info)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
+    """Put a finished stage's trained weights into the live model."""
+    if full:
+        from transformers import AutoModelForImageTextToText
+
+        done = AutoModelForImageTextToText.from_pretrained(stage_dir, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(done.state_dict())
+        return
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(stage_dir / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# one (dataset, held-out domain, seed)
+
+
+def _loop_config(c: dict[str, Any], seed: int):
+    from trainers.loop import LoopConfig
+
+    o = c.get("optim") or {}
+    return LoopConfig(
+        lr=float(o.get("lr", 5e-4)), weight_decay=float(o.get("weight_decay", 0.0)),
+        betas=tuple(o.get("betas", (0.9, 0.999))), scheduler=o.get("scheduler", "cosine"),
+        warmup_ratio=float(o.get("warmup_ratio", 0.03)), max_grad_norm=o.get("max_grad_norm", 1.0),
+        batch_size=int(c["batch_size"]), micro_batch_size=int(c["micro_batch_size"]), epochs=float(c["epochs"]),
+        max_steps=c.get("max_steps"), seed=seed, precision=c["precision"],
+        gradient_checkpointing=c["gradient_checkpointing"], checkpoint_every=int(c["checkpoint_every"]),
+        num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o.get("fast_head", True)),
+    )
+
+
+def _sarr_config(c: dict[str, Any]):
+    from trainers.sarr import SarrConfig
+
+    return SarrConfig(**(c.get("sarr") or {}))
+
+
+def _subsample(examples: list, n: int | None, seed: int) -> list:
+    if n is None or len(examples) <= n:
+        return examples
+    import numpy as np
+
+    keep = sorted(np.random.RandomState(seed).choice(len(examples), n, replace=False).tolist())
+    return [examples[i] for i in keep]
+
+
+def _sharded(state: Any, items: list, fn: Any, tag: Path) -> list:
+    """Run ``fn`` over this rank's share of ``items``; exchange results (JSON) through files."""
+    world, rank = state.num_processes, state.process_index
+    if world == 1:
+        return fn(items)
+    mine = fn(items[rank::world])
+    from dbr_builder.fsutil import write_json_atomic
+
+    write_json_atomic(tag.with_name(f"{tag.name}.rank{rank}.json"), mine)
+    state.wait_for_everyone()
+    parts = [json.loads(tag.with_name(f"{tag.name}.rank{r}.json").read_text()) for r in range(world)]
+    out: list = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def train_one(
+    c: dict[str, Any], workdir: Path, dataset: str, heldout: str, seed: int,
+    by_domain: dict[str, list], log: Any = print,
+) -> dict[str, Any]:
+    """MTCT, SARR rounds and model selection for one held-out domain and seed."""
+    import torch
+    from accelerate import PartialState
+
+    from dbr_builder.cli import UserError
+    from dbr_builder.fsutil import write_json_atomic
+    from trainers import sarr as sarr_mod
+    from trainers.data import SampleEncoder, lodo_split
+    from trainers.loop import find_checkpoint, train_stage, trainable_state
+    from trainers.select import validation_accuracy
+
+    out = seed_dir(workdir, c["run"], dataset, heldout, seed)
+    final = out / "final"
+    if (final / "student.json").exists():
+        log(f"[train] {dataset}/{heldout}/seed{seed}: done ({final})")
+        return json.loads((final / "student.json").read_text())
+    state = PartialState()
+    work = out / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    if not c["resume"] and any(find_checkpoint(work / d.name) for d in work.iterdir() if d.is_dir()):
+        raise UserError(f"{work}: a partial run exists; rerun with --resume, or delete {out} to start over")
+
+    train, val, train_domains = lodo_split(by_domain, heldout)
+    train = _subsample(train, c.get("max_train_images"), seed)
+    sel = c.get("select") or {}
+    val = _subsample(val, sel.get("max_images"), seed)
+    classes = sorted({ex.class_name for exs in by_domain.values() for ex in exs})
+    if "reason" in c["tasks"] and not any(ex.chain for ex in train):
+        raise UserError(f"{dataset}: no training row has a `chain`; the reasoning task needs published chains")
+
+    torch.manual_seed(seed)
+    student = resolve_student(c["student"], workdir)
+    processor, model = load_student(student, c, state.device)
+    full = c["finetune"] == "full"
+    encoder = SampleEncoder(processor, classes, max_length=c.get("max_length"), processor_kwargs=c["processor_kwargs"])
+    lc = _loop_config(c, seed)
+    sc = _sarr_config(c)
+    init_state = trainable_state(model) if sc.init == "restart" and sc.rounds > 0 else None
+    seq_batch = int(sel.get("seq_batch", 32))
+
+    def validate() -> dict[str, Any]:
+        # Each rank scores its share; accuracy is recomputed from the merged per-image results.
+        from trainers.select import class_scores
+
+        if state.num_processes == 1:
+            return validation_accuracy(model, encoder, val, seq_batch=seq_batch)
+        preds = _sharded(state, list(range(len(val))), lambda idx: class_scores(
+            model, encoder, [val[i] for i in idx], seq_batch=seq_batch).argmax(1).tolist(), work / "val")
+        ok = [classes[p] == val[i].class_name for i, p in enumerate(preds)]
+        return {"accuracy": sum(ok) / len(ok) if ok else None, "images": len(ok)}
+
+    stages = ["mtct"] + [f"sarr{r}" for r in range(1, sc.rounds + 1)]
+    infos: dict[str, dict[str, Any]] = {}
+    base_info = {"dataset": dataset, "heldout_domain": heldout, "train_domains": train_domains,
+                 "trial_seed": seed, "base_model": student, "classes": classes}
+    for i, name in enumerate(stages):
+        sdir = out / name
+        if (sdir / "stage.json").exists():
+            load_stage_weights(sdir, model, full)
+            infos[name] = json.loads((sdir / "stage.json").read_text())
+            log(f"[train] {dataset}/{heldout}/seed{seed}/{name}: reusing finished stage")
+            continue
+        swork = work / name
+        swork.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {"stage": name, **base_info}
+        data = train
+        extra: dict[str, Path] = {}
+        if i > 0:
+            rec_path = swork / "self_chains.jsonl"
+            if rec_path.exists():
+                records = sarr_mod.load_records(rec_path)
+                data = sarr_mod.examples_from_records(train, records, sc.no_correct)
+                rejected = sum(not r["kept"] for r in records)
+                stats = {"images": len(records), "rejected": rejected,
+                         "rejection_rate": rejected / len(records) if records else 0.0,
+                         "train_images": len(data), "no_correct": sc.no_correct, "reloaded": True}
+            else:
+                gen = _generator(c, sc, model, encoder, student, out, seed * 1000 + i, state, work, swork)
+                data, stats, records = sarr_mod.self_label(train, classes, gen, sc)
+                if state.is_main_process:
+                    sarr_mod.save_records(rec_path, records)
+                state.wait_for_everyone()
+            log(f"[train] {name}: rejection rate {stats['rejection_rate']:.3f} "
+                f"({stats['rejected']}/{stats['images']} images without a correct self chain)")
+            info["sarr"] = stats
+            extra["self_chains.jsonl"] = rec_path
+            if sc.init == "restart" and init_state is not None and find_checkpoint(swork) is None:
+                from trainers.loop import load_trainable_state
+
+                load_trainable_state(model, init_state)
+            if not data:
+                raise UserError(f"{name}: no training images left (every self chain was wrong and "
+                                "sarr.no_correct=drop); use keep_teacher or train MTCT longer")
+        res = train_stage(model, encoder, data, lc, swork, resume=True,
+                          desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
+        info["train"] = res.summary()
+        info["val"] = validate()
+        log(f"[train] {name}: val accuracy (training domains' out) = {info['val']['accuracy']}")
+        if state.is_main_process:
+            save_stage(sdir, model, processor, info, full, extra)
+            shutil.rmtree(swork / "checkpoint", ignore_errors=True)
+        state.wait_for_everyone()
+        infos[name] = info
+
+    # Model selection: best training-domain validation accuracy; ties go to the later stage.
+    best = max(stages, key=lambda s: (infos[s]["val"]["accuracy"] or 0.0, stages.index(s)))
+    student_json = {
+        **base_info,
+        "adapter": None if full else str(final.resolve()),
+        "base_model": str(final.resolve()) if full else student,
+        "selected_stage": best,
+        "val_accuracy": {s: infos[s]["val"]["accuracy"] for s in stages},
+        "rejection_rate": {s: infos[s]["sarr"]["rejection_rate"] for s in stages if "sarr" in infos[s]},
+        "run": c["run"],
+        "finetune": c["finetune"],
+    }
+    if state.is_main_process:
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
+        try:
+            shutil.copytree(out / best, tmp / "f")
+            if full:
+                processor.save_pretrained(tmp / "f")
+            write_json_atomic(tmp / "f" / "student.json", student_json)
+            if final.exists():
+                shutil.rmtree(final)
+            (tmp / "f").rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    state.wait_for_everyone()
+    log(f"[train] {dataset}/{heldout}/seed{seed}: selected {best} -> {final}")
+    return student_json
+
+
+def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork):
+    """The SARR chain generator: in-process generate, or a dbr backend with the current adapter."""
+    from trainers import sarr as sarr_mod
+
+    if sc.generator == "model":
+        def gen(exs):
+            return _sharded(state, list(exs), lambda part: sarr_mod.generate_with_model(
+                model, encoder, part, sc, gen_seed), swork / "gen")
+        return gen
+    # A backend spec: "vllm" / "hf" alone mean "this student with the current adapter".
+    spec = sc.generator if ":" in sc.generator else f"{sc.generator}:{student}"
+    adapter = swork / "adapter_for_generation"
+    if state.is_main_process:
+        model.save_pretrained(adapter)
+    state.wait_for_everyone()
+
+    def gen(exs):
+        return sarr_mod.generate_with_backend(spec, exs, encoder, sc, gen_seed, work / "images", adapter=str(adapter))
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# stage protocol
+
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Train every (dataset, held-out domain, trial seed) of the config; return their selections."""
+    from trainers.data import load_published
+
+    c = _cfg(cfg)
+    if c["finetune"] not in ("lora", "full"):
+        from dbr_builder.config import ConfigError
+
+        raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
+    workdir = Path(workdir)
+    summary: dict[str, Any] = {}
+    for ds in _datasets(c):
+        by_domain = load_published(_data_source(c, workdir), ds)
+        held = c["heldout"]
+        held = list(by_domain) if held is None else ([held] if isinstance(held, str) else list(held))
+        for h in held:
+            for seed in c["trial_seeds"]:
+                sj = train_one(c, workdir, ds, h, int(seed), by_domain)
+                summary[f"{ds}/{h}/seed{seed}"] = {"selected": sj["selected_stage"], "val": sj["val_accuracy"]}
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="train config (pipelines/train_mtct_sarr.yaml, or a pipeline with a train stage)")
+    p.add_argument("--workdir", "-w", default="work", help="work directory W (default: work)")
+    p.add_argument("--dataset", help="dataset (config) to train on; default: the config's datasets")
+    p.add_argument("--heldout", help="held-out domain; default: every domain in turn (LODO)")
+    p.add_argument("--trial-seed", type=int, help="trial seed (run folder seed<k>); default: config's trial_seeds")
+    p.add_argument("--student", help="student model folder / Hub id, or `tiny`")
+    p.add_argument("--data", help="published dataset: a hub folder or a Hub dataset id (default W/hub)")
+    p.add_argument("--run", help="run name under W/runs/ (default: config's run)")
+    p.add_argument("--max-steps", type=int, help="cap optimizer steps per stage (smoke tests)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue an interrupted run from its last checkpoint (default: the config's `resume`, true)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dbr_builder.config import load_stage_config
+
+    cfg = load_stage_config(args.config, STAGE) if args.config else {"stage": STAGE}
+    for key, val in (("dataset", args.dataset), ("heldout", args.heldout), ("student", args.student),
+                     ("data", args.data), ("run", args.run), ("max_steps", args.max_steps),
+                     ("resume", args.resume)):
+        if val is not None:
+            cfg[key] = val
+    if args.trial_seed is not None:
+        cfg["trial_seeds"] = [args.trial_seed]
+    summary = run(cfg, Path(args.workdir))
+    print(json.dumps(summary, indent=2))
+    return 0
