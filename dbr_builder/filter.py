@@ -1,0 +1,420 @@
+"""Filter stage: parse, validate and select one reasoning chain per image.
+
+Reads the manifest (``W/manifest/<Dataset>.parquet``) and every teacher candidate in the
+generation store, applies the rules below (the first rule a candidate breaks is its reason
+code), keeps one accepted candidate per manifest row, and writes
+
+- ``W/chains/<Dataset>.parquet``          one chain per covered image (manifest order)
+- ``W/chains/<Dataset>.rejects.parquet``  every rejected candidate with its reason
+- ``W/reports/<Dataset>/stats.{json,md}`` + ``*.png`` (``dbr_builder.stats``)
+
+Rules, in order (reason codes):
+
+``generation_error``  the backend failed for this request
+``unknown_image``     the candidate's image is not in the manifest (e.g. quarantined since)
+``truncated``         ``finish_reason == "length"`` or the text ends inside a stage
+parser codes          ``empty``, ``duplicate_stage``, ``malformed_tag``, ``missing_stage``,
+                      ``out_of_order``, ``empty_stage`` (``dbr_builder.chains``)
+``no_class``          the conclusion names no class of the dataset
+``ambiguous_class``   the conclusion names several classes
+``wrong_label``       the conclusion names another class than the image's label
+``too_short`` / ``too_long``  a stage's word count is outside ``length.<stage>`` = [min, max]
+``repetition``        degenerate repetition: too large a share of repeated sentences
+``hint_leak``         a hinted (rationalization) chain mentions the hint
+``template_collapse`` the same chain body (normalised) was accepted for more than
+                      ``template_collapse.max_images`` different images
+
+Selection (``select``): among a row's accepted candidates, teacher (unhinted) ones always
+win over hinted ones; then ``first`` (default: the lowest sample index, i.e. plain rejection
+sampling, which does not bias the dataset towards long or short chains), ``shortest``,
+``longest`` or ``median`` (closest to the median length of that image's accepted chains).
+Ties break on sample index then request key, so the result is deterministic.
+
+Rationalization (``rationalize: {enabled: true, teacher: SPEC, n: 2}``): rows with no
+accepted candidate are sent once more to the teacher with the hinted ``rationalize`` prompt
+(``dbr_builder.generate.generate_for_images``); those chains pass the same rules and are
+flagged ``hinted``. The work is stored in the same append-only store, so a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dbr_builder.chains import FIELDS, parse_chains_frame
+
+if TYPE_CHECKING:
+    import polars as pl
+
+PER_DATASET = True
+
+SELECT_POLICIES = ("first", "shortest", "longest", "median")
+RULE_REASONS = (
+    "generation_error", "unknown_image", "truncated", "empty", "duplicate_stage", "malformed_tag",
+    "missing_stage", "out_of_order", "empty_stage", "no_class", "ambiguous_class", "wrong_label",
+    "too_short", "too_long", "repetition", "hint_leak", "template_collapse",
+)
+# Word-count bounds per stage: wide enough for GPT-4o-class teachers, tight enough to drop
+# one-word "reasoning" and runaway outputs.
+DEFAULT_LENGTH: dict[str, tuple[int, int]] = {
+    "summary": (3, 150), "caption": (5, 300), "reasoning": (10, 800), "reflection": (3, 300), "conclusion": (1, 25),
+}
+WORD_PATTERN = r"\S+"
+_NORM = r"[^0-9a-z]+"
+_HINT_PATTERN = r"(?i)\bhint\b|correct class is"
+
+
+@dataclass
+class Rules:
+    """Configurable filter rules (the ``filter`` stage's YAML options)."""
+
+    length: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_LENGTH))
+    max_repeat_fraction: float | None = 0.3  # share of repeated sentences (None: off)
+    min_sentences_for_repeat: int = 4
+    template_max_images: int | None = 5  # None: off
+    truncate_on_length: bool = True
+    synonyms: dict[str, list[str]] = field(default_factory=dict)
+    select: str = "first"
+    models: list[str] | None = None  # only candidates of these teacher models (None: all)
+    use_hinted: bool = False  # consider rationalization candidates
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any], dataset: str | None = None,
+                 classes: list[str] | None = None) -> Rules:
+        """Build rules from a filter stage config (see ``schemas/stages/filter.schema.json``)."""
+        from dbr_builder.answers import synonyms_for
+        from dbr_builder.config import ConfigError
+
+        length = dict(DEFAULT_LENGTH)
+        for k, v in (cfg.get("length") or {}).items():
+            if k not in DEFAULT_LENGTH:
+                raise ConfigError(f"filter.length.{k}: unknown stage; use one of {', '.join(DEFAULT_LENGTH)}")
+            lo, hi = int(v[0]), int(v[1])
+            if lo > hi:
+                raise ConfigError(f"filter.length.{k}: min {lo} is larger than max {hi}")
+            length[k] = (lo, hi)
+        rep = cfg.get("repetition", {}) or {}
+        tc = cfg.get("template_collapse", {}) or {}
+        select = cfg.get("select", "first")
+        if select not in SELECT_POLICIES:
+            raise ConfigError(f"filter.select: {select!r} is not one of {', '.join(SELECT_POLICIES)}")
+        syn = synonyms_for(dataset, cfg.get("synonyms") or {}, classes)
+        return cls(
+            length=length,
+            max_repeat_fraction=rep.get("max_repeat_fraction", 0.3) if rep.get("enabled", True) else None,
+            min_sentences_for_repeat=int(rep.get("min_sentences", 4)),
+            template_max_images=tc.get("max_images", 5) if tc.get("enabled", True) else None,
+            truncate_on_length=bool(cfg.get("truncate_on_length", True)),
+            synonyms=syn,
+            select=select,
+            models=cfg.get("models"),
+            use_hinted=bool((cfg.get("rationalize") or {}).get("enabled", False)),
+        )
+
+
+def _first_reason(checks: list[tuple[pl.Expr, str]], existing: pl.Expr) -> pl.Expr:
+    """``existing`` if set, else the code of the first check that is true, else null."""
+    import polars as pl
+
+    out = pl.lit(None, pl.String)
+    for cond, code in reversed(checks):
+        out = pl.when(cond).then(pl.lit(code)).otherwise(out)
+    return pl.coalesce(existing, out)
+
+
+def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classes: list[str],
+                        rules: Rules) -> pl.DataFrame:
+    """Every candidate joined to its manifest row(s) with a ``reason`` (null = accepted).
+
+    Adds the parsed stages, ``pred`` (the class the conclusion names), ``words_<stage>``,
+    ``words``, ``hinted`` and ``_row`` (the manifest row index). A candidate whose image sits in
+    two manifest rows (identical files) is judged once per row; unknown images keep ``_row`` null.
+    """
+    import polars as pl
+
+    from dbr_builder.answers import matcher
+
+    cand = candidates
+    if rules.models is not None:
+        cand = cand.filter(pl.col("model").is_in(rules.models))
+    if not rules.use_hinted:
+        cand = cand.filter(pl.col("prompt_name") != "rationalize")
+    m = manifest.with_row_index("_row").select("_row", "image_id", "domain", "class_name", "label")
+    df = cand.join(m, on="image_id", how="left", maintain_order="left")
+    parsed = parse_chains_frame(df.get_column("text"))
+    df = pl.concat([df, parsed.rename({"reason": "parse_reason", "stage": "reason_stage"})], how="horizontal")
+
+    cm = matcher(classes, rules.synonyms)
+    keys, vals = list(cm.surface_to_class), list(cm.surface_to_class.values())
+    found = (pl.col("conclusion").str.to_lowercase().str.replace_all(_NORM, " ").str.extract_all(cm.pattern)
+             .list.eval(pl.element().replace_strict(keys, vals, default=None, return_dtype=pl.String))
+             .list.unique(maintain_order=True))
+    df = df.with_columns(_found=found).with_columns(
+        _ncls=pl.col("_found").list.len().fill_null(0),
+        pred=pl.col("_found").list.first(),
+    ).with_columns(pred=pl.when(pl.col("_ncls") == 1).then(pl.col("pred")).otherwise(None))
+
+    df = df.with_columns(
+        [pl.col(f).str.count_matches(WORD_PATTERN).fill_null(0).alias(f"words_{f}") for f in FIELDS]
+    ).with_columns(
+        words=pl.sum_horizontal([f"words_{f}" for f in FIELDS]),
+        hinted=pl.col("prompt_name") == "rationalize",
+    )
+    body = pl.concat_str([pl.col(f) for f in FIELDS[:4]], separator="\n")
+    checks: list[tuple[pl.Expr, str]] = [
+        (pl.col("error").is_not_null(), "generation_error"),
+        (pl.col("_row").is_null(), "unknown_image"),
+        (pl.lit(rules.truncate_on_length) & (pl.col("finish_reason") == "length"), "truncated"),
+        (pl.col("parse_reason").is_not_null(), "__parse__"),
+        (pl.col("_ncls") == 0, "no_class"),
+        (pl.col("_ncls") > 1, "ambiguous_class"),
+        (pl.col("pred") != pl.col("class_name"), "wrong_label"),
+    ]
+    for f in FIELDS:
+        lo, hi = rules.length[f]
+        checks.append((pl.col(f"words_{f}") < lo, f"too_short:{f}"))
+        checks.append((pl.col(f"words_{f}") > hi, f"too_long:{f}"))
+    if rules.max_repeat_fraction is not None:
+        sentences = (body.str.to_lowercase().str.replace_all(r"[.!?\n]+", ".").str.strip_chars(". ")
+                     .str.split(".").list.eval(pl.element().str.strip_chars()).list.eval(
+                         pl.element().filter(pl.element() != "")))
+        n = sentences.list.len()
+        rep = (n >= rules.min_sentences_for_repeat) & (
+            (n - sentences.list.n_unique()) > rules.max_repeat_fraction * n)
+        checks.append((rep, "repetition"))
+    checks.append((pl.col("hinted") & body.str.contains(_HINT_PATTERN).fill_null(False), "hint_leak"))
+    df = df.with_columns(_code=_first_reason(checks, pl.lit(None, pl.String)))
+    df = df.with_columns(
+        reason=pl.when(pl.col("_code") == "__parse__").then(pl.col("parse_reason"))
+        .otherwise(pl.col("_code").str.split(":").list.first()),
+        reason_stage=pl.when(pl.col("_code") == "__parse__").then(pl.col("reason_stage"))
+        .when(pl.col("_code").str.contains(":")).then(pl.col("_code").str.split(":").list.last().str.to_uppercase())
+        .otherwise(None),
+    )
+    if rules.template_max_images is not None:
+        # Template collapse: one body (normalised) accepted for many images is a copied template.
+        df = df.with_columns(_body=body.str.to_lowercase().str.replace_all(_NORM, " ").hash(seed=0))
+        ok = pl.col("reason").is_null()
+        n_img = pl.col("image_id").filter(ok).n_unique().over("_body")
+        df = df.with_columns(
+            reason=pl.when(ok & (n_img > rules.template_max_images)).then(pl.lit("template_collapse"))
+            .otherwise(pl.col("reason"))
+        ).drop("_body")
+    return df.drop("_code", "_ncls", "_found", "parse_reason", "ok")
+
+
+def select_chains(evaluated: pl.DataFrame, policy: str = "first") -> pl.DataFrame:
+    """One accepted candidate per manifest row (``_row``), by ``policy`` (see module doc)."""
+    import polars as pl
+
+    acc = evaluated.filter(pl.col("reason").is_null())
+    if policy == "first":
+        key = pl.col("sample_index")
+    elif policy == "shortest":
+        key = pl.col("words")
+    elif policy == "longest":
+        key = -pl.col("words").cast(pl.Int64)
+    elif policy == "median":
+        key = (pl.col("words").cast(pl.Float64) - pl.col("words").median().over(["_row", "hinted"])).abs()
+    else:
+        raise ValueError(f"unknown selection policy {policy!r}; use one of {SELECT_POLICIES}")
+    return (
+        acc.with_columns(_key=key)
+        .sort(["_row", "hinted", "_key", "sample_index", "request_key"])
+        .unique(subset="_row", keep="first", maintain_order=True)
+        .drop("_key")
+    )
+
+
+CHAIN_EXTRA = ["chain", *FIELDS, "hinted", "teacher", "prompt_id", "sample_index", "request_key"]
+REJECT_COLUMNS = ["request_key", "image_id", "path", "domain", "class_name", "prompt_name", "model",
+                  "sample_index", "finish_reason", "reason", "reason_stage", "pred", "text"]
+
+
+def filter_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classes: list[str],
+                      rules: Rules | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Pure core of the stage: ``(kept, rejects)`` for one dataset.
+
+    ``kept`` has the manifest columns plus ``chain, summary, caption, reasoning, reflection,
+    conclusion, hinted, teacher, prompt_id, sample_index, request_key`` in manifest order;
+    ``rejects`` one row per rejected (candidate, manifest row) with its ``reason``.
+    """
+    rules = rules or Rules()
+    ev = evaluate_candidates(candidates, manifest, classes, rules)
+    return kept_table(ev, manifest, rules.select), rejects_table(ev, manifest)
+
+
+def kept_table(evaluated: pl.DataFrame, manifest: pl.DataFrame, policy: str) -> pl.DataFrame:
+    """The chains table: manifest columns + chain columns, manifest row order."""
+    import polars as pl
+
+    sel = select_chains(evaluated, policy).select(
+        "_row", pl.col("text").alias("chain"), *FIELDS, "hinted", pl.col("model").alias("teacher"),
+        "prompt_id", "sample_index", "request_key",
+    )
+    m = manifest.with_row_index("_row")
+    return m.join(sel, on="_row", how="inner").sort("_row").drop("_row")
+
+
+def rejects_table(evaluated: pl.DataFrame, manifest: pl.DataFrame) -> pl.DataFrame:
+    """Rejected candidates with their reason, sorted deterministically."""
+    import polars as pl
+
+    paths = manifest.with_row_index("_row").select("_row", "path")
+    return (
+        evaluated.filter(pl.col("reason").is_not_null())
+        .join(paths, on="_row", how="left", maintain_order="left")
+        .select(REJECT_COLUMNS)
+        .sort(["image_id", "path", "prompt_name", "sample_index", "request_key"], nulls_last=True)
+    )
+
+
+# --- stage protocol -------------------------------------------------------------------------
+
+def chains_path(workdir: str | Path, dataset: str) -> Path:
+    """``W/chains/<Dataset>.parquet``."""
+    return Path(workdir) / "chains" / f"{dataset}.parquet"
+
+
+def rejects_path(workdir: str | Path, dataset: str) -> Path:
+    """``W/chains/<Dataset>.rejects.parquet``."""
+    return Path(workdir) / "chains" / f"{dataset}.rejects.parquet"
+
+
+def write_parquet_atomic(df: pl.DataFrame, dest: Path) -> None:
+    """Write ``df`` as parquet atomically, with settings that make reruns byte-identical."""
+    from dbr_builder.fsutil import atomic_path
+
+    with atomic_path(dest, suffix=".parquet") as tmp:
+        df.write_parquet(tmp, compression="zstd", statistics=False)
+
+
+def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: list[str]) -> int:
+    """Ask the teacher for hinted chains for ``image_ids``; return how many images were sent."""
+    from dbr_builder.config import ConfigError
+
+    rcfg = cfg.get("rationalize") or {}
+    teacher = rcfg.get("teacher") or cfg.get("teacher")
+    if not teacher:
+        raise ConfigError(f"filter ({dataset}): rationalize.enabled needs rationalize.teacher (a backend SPEC)")
+    if not image_ids:
+        return 0
+    from dbr_builder.generate import generate_for_images
+
+    options = {k: v for k, v in rcfg.items() if k not in ("enabled", "teacher", "n")}
+    generate_for_images(workdir, dataset, image_ids, teacher, int(rcfg.get("n", 2)),
+                        prompt_name="rationalize", **options)
+    return len(image_ids)
+
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Filter one dataset's candidates; write chains, rejects and the stats report."""
+    import polars as pl
+
+    from dbr_builder.manifest import load_manifest
+    from dbr_builder.stats import write_report
+    from dbr_builder.store import read_results
+
+    dataset = cfg["dataset"]
+    workdir = Path(workdir)
+    manifest, meta = load_manifest(workdir, dataset)
+    classes = list(meta["classes"])
+    rules = Rules.from_cfg(cfg, dataset, classes)
+    candidates = read_results(workdir, dataset)
+    if candidates.height == 0:
+        raise FileNotFoundError(
+            f"{workdir / 'generations' / dataset}: no teacher candidates for {dataset}; run `dbr generate` first"
+        )
+    ev = evaluate_candidates(candidates, manifest, classes, rules)
+    sent = 0
+    if rules.use_hinted:
+        covered = ev.filter(pl.col("reason").is_null()).get_column("_row").unique()
+        missing = manifest.with_row_index("_row").filter(~pl.col("_row").is_in(covered.implode()))
+        ids = sorted(set(missing.get_column("image_id").to_list()))
+        sent = _rationalize(cfg, workdir, dataset, ids)
+        if sent:
+            ev = evaluate_candidates(read_results(workdir, dataset), manifest, classes, rules)
+    kept = kept_table(ev, manifest, rules.select)
+    rejects = rejects_table(ev, manifest)
+    validate_kept(kept, classes)
+    write_parquet_atomic(kept, chains_path(workdir, dataset))
+    write_parquet_atomic(rejects, rejects_path(workdir, dataset))
+    report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
+    return {"images": manifest.height, "kept": kept.height, "rejected": rejects.height,
+            "hinted": int(kept.get_column("hinted").sum()), "rationalized": sent,
+            "coverage": report["coverage"]["overall"]["coverage"]}
+
+
+def validate_kept(kept: pl.DataFrame, classes: list[str], limit: int | None = None) -> None:
+    """Validate kept rows against ``schemas/chain.schema.json``; raise naming the first bad row."""
+    import jsonschema
+
+    from dbr_builder.config import load_schema
+
+    schema = load_schema("chain.schema.json")
+    schema = {**schema, "properties": {**schema["properties"], "class_name": {"enum": classes}}}
+    validator = jsonschema.Draft202012Validator(schema)
+    rows = kept.head(limit) if limit else kept
+    for row in rows.iter_rows(named=True):
+        err = next(iter(validator.iter_errors(row)), None)
+        if err is not None:
+            where = ".".join(map(str, err.absolute_path)) or "<row>"
+            raise ValueError(f"chain for image {row.get('image_id')} ({row.get('path')}) fails "
+                             f"schemas/chain.schema.json at {where}: {err.message}")
+
+
+def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    ds = cfg["dataset"]
+    return [chains_path(workdir, ds), rejects_path(workdir, ds), Path(workdir) / "reports" / ds]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="dataset name, e.g. PACS or SynthShapes")
+    p.add_argument("--workdir", "-w", required=True, help="work directory (reads manifest/ and generations/)")
+    p.add_argument("--config", help="pipeline YAML (its `filter` entry) or a YAML mapping of filter options")
+    p.add_argument("--select", choices=SELECT_POLICIES, help="selection policy (default: first)")
+    p.add_argument("--rationalize", metavar="SPEC",
+                   help="teacher backend for a hinted rationalization round on images with no accepted chain")
+    p.add_argument("--rationalize-n", type=int, default=2, help="hinted candidates per image (default 2)")
+    p.add_argument("--max-template-images", type=int,
+                   help="reject a chain body accepted for more than this many images (default 5)")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The filter cfg given by the CLI options (``--config`` first, flags override it)."""
+    from dbr_builder.config import load_stage_config, validate
+
+    cfg: dict[str, Any] = load_stage_config(args.config, "filter") if args.config else {"stage": "filter"}
+    cfg = {k: v for k, v in cfg.items() if k not in ("datasets", "stages", "workdir")}
+    cfg["stage"] = "filter"
+    cfg["dataset"] = args.dataset
+    if args.select:
+        cfg["select"] = args.select
+    if args.rationalize:
+        cfg["rationalize"] = {**(cfg.get("rationalize") or {}), "enabled": True, "teacher": args.rationalize,
+                              "n": args.rationalize_n}
+    if args.max_template_images is not None:
+        cfg["template_collapse"] = {"max_images": args.max_template_images}
+    from dbr_builder.config import stage_schema
+
+    schema = stage_schema("filter")
+    if schema is not None:
+        validate({k: v for k, v in cfg.items() if k != "root"}, schema, "dbr filter options")
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    from dbr_builder.stats import markdown_table
+
+    cfg = config_from_args(args)
+    summary = run(cfg, Path(args.workdir))
+    ds = args.dataset
+    print(f"{ds}: kept {summary['kept']}/{summary['images']} images "
+          f"({summary['hinted']} hinted), {summary['rejected']} candidates rejected")
+    print(f"  chains  -> {chains_path(args.workdir, ds)}")
+    print(f"  rejects -> {rejects_path(args.workdir, ds)}")
+    print(f"  report  -> {Path(args.workdir) / 'reports' / ds / 'stats.md'}")
+    print(markdown_table(Path(args.workdir), ds))
+    return 0
