@@ -184,15 +184,15 @@ def fetch(url: str, dest: str | os.PathLike[str], opts: FetchOptions | None = No
         part.unlink()  # a partial file of another URL must not be continued
         meta = {}
     start_size = part.stat().st_size if part.exists() else 0
-    fetched = 0
+    stats = {"bytes": 0}  # bytes received, failed attempts included
     attempt = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
         try:
-            fetched += _fetch_once(url, part, meta_path, meta, have, opts, desc or dest.name, tqdm)
+            _fetch_once(url, part, meta_path, meta, have, opts, desc or dest.name, tqdm, stats)
             os.replace(part, dest)
             meta_path.unlink(missing_ok=True)
-            return FetchResult(dest, fetched, start_size)
+            return FetchResult(dest, stats["bytes"], start_size)
         except DownloadError as e:
             if not e.retryable or attempt >= opts.retries:
                 raise
@@ -209,7 +209,7 @@ def fetch(url: str, dest: str | os.PathLike[str], opts: FetchOptions | None = No
 
 
 def _fetch_once(url, part: Path, meta_path: Path, meta: dict, have: int, opts: FetchOptions,
-                desc: str, tqdm) -> int:
+                desc: str, tqdm, stats: dict[str, int]) -> int:
     """One HTTP exchange (plus a confirmation hop); appends to ``part``; returns bytes received."""
     target = url  # always start at the public URL: confirmation tokens expire
     resp = None
@@ -251,14 +251,22 @@ def _fetch_once(url, part: Path, meta_path: Path, meta: dict, have: int, opts: F
                                          unit_divisor=1024, desc=desc, disable=not opts.progress or None,
                                          leave=False) as bar:
             while True:
-                block = resp.read(CHUNK)
-                if not block:
+                try:
+                    block = resp.read(CHUNK)
+                except (http.client.HTTPException, OSError) as e:
+                    block, lost = b"", describe_error(e)[0]
+                else:
+                    lost = None
+                if block:
+                    f.write(block)
+                    got += len(block)
+                    stats["bytes"] += len(block)
+                    bar.update(len(block))
+                if not block or lost:
                     break
-                f.write(block)
-                got += len(block)
-                bar.update(len(block))
-        if total is not None and have + got < total:
-            raise http.client.IncompleteRead(b"", total - have - got)
+        if lost or (total is not None and have + got < total):
+            raise DownloadError(url, f"connection lost after {have + got} of {total or '?'} bytes"
+                                + (f" ({lost})" if lost else ""), True)
         return got
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
