@@ -228,6 +228,8 @@ def train_stage(
     from transformers import get_scheduler
 
     accelerator = Accelerator(mixed_precision=lc.mixed_precision())
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(examples)
     bs, per_epoch, total = plan_steps(n, lc, world)
@@ -267,7 +269,8 @@ def train_stage(
         epoch_end = min(total, (step // per_epoch + 1) * per_epoch)
         plan = [(s, m) for s in range(step, epoch_end) for m in micro_batches(step_images(n, lc, s, world), lc, rank, world)]
         loader = torch.utils.data.DataLoader(
-            [m for _, m in plan], batch_size=None, collate_fn=encode, num_workers=lc.num_workers
+            [m for _, m in plan], batch_size=None, collate_fn=encode, num_workers=lc.num_workers,
+            generator=torch.Generator(),  # never draw from the global RNG: resume must replay it exactly
         )
         step_loss = 0.0
         stats: dict[str, float] = {}
