@@ -117,6 +117,11 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
     jobs: list[Job] = []
     datasets = list(domains)
     heldouts = cfg.get("heldout_domains")
+    known = {d for ds in datasets for d in domains[ds]}
+    unknown = [d for d in heldouts or [] if d not in known]
+    if unknown:
+        raise ConfigError(f"heldout_domains: {', '.join(map(repr, unknown))} not a domain of "
+                          f"{', '.join(datasets)} (domains: {', '.join(sorted(known))})")
     seeds = [int(s) for s in cfg.get("trial_seeds") or [0]]
     default_shots = [int(k) for k in cfg.get("shots") or [0, 2, 4, 8]]
     run = cfg.get("run") or "eval"
@@ -134,7 +139,7 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
                                     st["adapter_dir"], mode, k, st["dataset"], st["heldout_domain"],
                                     int(st["trial_seed"]),
                                     tuple(sorted((cfg.get("student_options") or {}).items()))))
-        if cfg.get("students") is True and not found and not cfg.get("models"):
+        if not found and not cfg.get("models"):
             raise ConfigError(
                 f"no trained students under {workdir / 'runs' / students_run}/<Dataset>/<heldout>/seed<k>/final/"
                 "student.json; run `dbr train` first, or list baseline `models:` in the eval config"
@@ -440,8 +445,13 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
             _free(holder.pop("b"))
     records = collect_records(jobs, cfg, data, eval_dir)
     paper = load_paper_table(cfg.get("paper_table")) if cfg.get("compare_paper", True) else None
-    paths = write_reports(records, eval_dir, domains, paper, cfg.get("error", "se"),
-                          title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`")
+    # table columns: the domains some job held out (all of them unless heldout_domains narrows it)
+    evaluated = {ds: [d for d in doms if any(j.dataset == ds and j.heldout == d for j in jobs)]
+                 for ds, doms in domains.items()}
+    evaluated = {ds: doms for ds, doms in evaluated.items() if doms}
+    paths = write_reports(records, eval_dir, evaluated, paper, cfg.get("error", "se"),
+                          title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`",
+                          all_domains=domains)
     if stats["errors"]:
         log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
     return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
@@ -520,16 +530,19 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             cfg["heldout_domains"] = args.heldout or [info["heldout_domain"]]
             cfg["trial_seeds"] = args.trial_seed or [int(info["trial_seed"])]
             adapter = str((adir / info["adapter"]).resolve() if info.get("adapter") else adir.resolve())
+            # W/runs/<run>/<Dataset>/<heldout>/seed<k>/final: name the row after the run
+            parents = adir.resolve().parents
+            label = parents[3].name if len(parents) > 3 and adir.name == "final" else adir.name
         elif not args.model:
             raise ConfigError(f"--adapter {adir}: no student.json there; give its base model with --model SPEC")
         else:
-            spec, adapter = args.model, str(adir.resolve())
+            spec, adapter, label = args.model, str(adir.resolve()), args.model
         default_modes = ["direct", "reasoning"]
     else:
-        spec, adapter, default_modes = args.model, None, ["choice"]
+        spec, adapter, label, default_modes = args.model, None, args.model, ["choice"]
     if args.model or args.adapter:
         cfg["students"] = False
-        cfg["models"] = [{"name": args.name or (Path(adapter).name if adapter and not args.model else spec),
+        cfg["models"] = [{"name": args.name or label,
                           "spec": spec, **({"adapter": adapter} if adapter else {}),
                           "modes": args.mode or default_modes}]
     elif args.mode:

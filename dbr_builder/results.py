@@ -76,11 +76,13 @@ def cell_metrics(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(cells: Sequence[dict[str, Any]], domains: dict[str, list[str]] | None = None,
-              error: str = "se") -> dict[str, Any]:
+              error: str = "se", all_domains: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """DomainBed-style summary of :func:`cell_metrics` output.
 
     ``domains`` gives each dataset's full domain list (sorted); a method missing a domain
-    gets no ``Avg`` (DomainBed prints ``X``). Returns ``{"datasets": {ds: {"domains": [...],
+    gets no ``Avg`` (DomainBed prints ``X``). ``all_domains`` (the dataset's every domain) is
+    recorded beside it when only some domains were evaluated as held-out, so the report can
+    say that ``Avg`` covers a subset. Returns ``{"datasets": {ds: {"domains": [...],
     "methods": {m: {"per_domain": {d: {...}}, "avg": float|None}}}}, "averages": {...}}``.
     """
     by: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
@@ -90,7 +92,8 @@ def summarize(cells: Sequence[dict[str, Any]], domains: dict[str, list[str]] | N
     methods_order: list[str] = list(dict.fromkeys(c["method"] for c in cells))
     for ds in sorted({c["dataset"] for c in cells}):
         ds_domains = list((domains or {}).get(ds) or sorted({c["heldout_domain"] for c in cells if c["dataset"] == ds}))
-        entry: dict[str, Any] = {"domains": ds_domains, "methods": {}}
+        entry: dict[str, Any] = {"domains": ds_domains, "methods": {},
+                                 "all_domains": list((all_domains or {}).get(ds) or ds_domains)}
         for m in methods_order:
             if (ds, m) not in by:
                 continue
@@ -252,7 +255,12 @@ def render_markdown(summary: dict[str, Any], paper: dict[str, Any] | None = None
              f"Accuracy (%) on each held-out domain (leave-one-domain-out), mean ± {err} over trial seeds "
              "(DomainBed's collect_results); Avg = mean over domains. Unparseable answers count as wrong."]
     for ds in summary["datasets"]:
-        parts += ["", f"## {ds}", "", markdown_table(*dataset_rows(summary, ds)), "",
+        entry = summary["datasets"][ds]
+        parts += ["", f"## {ds}", ""]
+        if entry["all_domains"] != entry["domains"]:
+            parts += [f"Only {len(entry['domains'])} of the {len(entry['all_domains'])} domains were evaluated "
+                      f"as held-out ({', '.join(entry['domains'])}); Avg is over those.", ""]
+        parts += [markdown_table(*dataset_rows(summary, ds)), "",
                   f"Unparseable answers (%) on {ds}:", "", markdown_table(*unparseable_rows(summary, ds))]
     parts += ["", "## Averages", ""]
     if paper:
@@ -317,13 +325,14 @@ def bar_chart(summary: dict[str, Any], ds: str, dest: str | Path, paper: dict[st
 
 def write_reports(records: Iterable[dict[str, Any]], out_dir: str | Path,
                   domains: dict[str, list[str]] | None = None, paper: dict[str, Any] | None = None,
-                  error: str = "se", title: str = "") -> dict[str, Path]:
+                  error: str = "se", title: str = "",
+                  all_domains: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """Compute the tables from prediction records and write ``results.{json,md,tex}`` and ``<Dataset>.png``."""
     from dbr_builder.fsutil import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     cells = cell_metrics(records)
-    summary = summarize(cells, domains, error)
+    summary = summarize(cells, domains, error, all_domains)
     paths = {
         "json": write_json_atomic(out_dir / "results.json", {"summary": summary, "cells": cells,
                                                             "paper": paper}),
