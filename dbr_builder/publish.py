@@ -1,0 +1,265 @@
+"""Publish stage: write the Hub-layout dataset ``W/hub`` (and optionally push it).
+
+Layout (loadable with ``datasets.load_dataset("W/hub", "PACS", split="photo")``)::
+
+    W/hub/README.md                                         dataset card, YAML header with configs
+    W/hub/data/<Dataset>/<safe_split>-NNNNN-of-NNNNN.parquet one config per dataset, one split per domain
+
+Each shard embeds the image file bytes unchanged (``datasets`` Image feature) with the chain
+columns; shards are cut so that each holds at most ``max_shard_mb`` of payload (and at
+least one row). Rows keep manifest order; parquet is written with fixed settings and no
+timestamps, so the same inputs give byte-identical files. Each dataset's folder is written
+beside the old one and swapped in by rename, so a crash never leaves a half-written config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PER_DATASET = False
+DEFAULT_MAX_SHARD_MB = 500
+ROW_GROUP_ROWS = 100  # small row groups: images are large, readers stream them
+
+COLUMNS = ["image", "image_id", "dataset", "domain", "class_name", "label", "dg_split", "chain", "summary",
+           "caption", "reasoning", "reflection", "conclusion", "hinted", "teacher"]
+
+
+def safe_split_name(domain: str) -> str:
+    """A Hub-safe split name for a domain (``Real World`` -> ``Real_World``)."""
+    name = re.sub(r"[^0-9A-Za-z_]+", "_", domain).strip("_")
+    return name or "split"
+
+
+def features_for(classes: list[str]):
+    """The ``datasets.Features`` of a published config."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    s = Value("string")
+    return Features({
+        "image": Image(), "image_id": s, "dataset": s, "domain": s, "class_name": s,
+        "label": ClassLabel(names=list(classes)), "dg_split": s, "chain": s, "summary": s, "caption": s,
+        "reasoning": s, "reflection": s, "conclusion": s, "hinted": Value("bool"), "teacher": s,
+    })
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
+    """Cut rows (with payload ``sizes``) into consecutive [start, end) shards of at most ``max_bytes``."""
+    shards: list[tuple[int, int]] = []
+    start, acc = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and acc + n > max_bytes:
+            shards.append((start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        shards.append((start, len(sizes)))
+    return shards
+
+
+def _arrow_table(rows: Any, image_bytes: list[bytes], features) -> Any:
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    names = rows.get_column("path").map_elements(lambda p: p.rsplit("/", 1)[-1], return_dtype=str).to_list() \
+        if rows.height else []
+    cols = {
+        "image": pa.array([{"bytes": b, "path": n} for b, n in zip(image_bytes, names, strict=True)],
+                          type=schema.field("image").type),
+        "dg_split": pa.array(rows.get_column("split").to_list(), pa.string()),
+        "label": pa.array(rows.get_column("label").to_list(), pa.int64()),
+        "hinted": pa.array(rows.get_column("hinted").to_list(), pa.bool_()),
+    }
+    for c in COLUMNS:
+        if c not in cols:
+            cols[c] = pa.array(rows.get_column(c).to_list(), pa.string())
+    return pa.Table.from_arrays([cols[c] for c in COLUMNS], schema=schema)
+
+
+def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes: int,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Write one dataset's shards into ``dest`` (a fresh folder); return per-split info."""
+    import polars as pl
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from dbr_builder.manifest import image_path
+
+    features = features_for(meta["classes"])
+    dest.mkdir(parents=True, exist_ok=True)
+    splits = []
+    domains = [d for d in meta["domains"] if d in set(chains.get_column("domain").to_list())]
+    safe = [safe_split_name(d) for d in domains]
+    if len(set(safe)) != len(safe):
+        raise ValueError(f"{meta.get('dataset')}: domains {domains} give clashing split names {safe}")
+    bar = tqdm(total=chains.height, desc=f"publish {meta.get('dataset', '')}", unit="img", disable=not progress)
+    for domain, split in zip(domains, safe, strict=True):
+        rows = chains.filter(pl.col("domain") == domain)
+        paths = [image_path(meta, p) for p in rows.get_column("path").to_list()]
+        # payload: image bytes + the text columns (the stages repeat the chain: about twice its size)
+        text = rows.get_column("chain").str.len_bytes().fill_null(0).to_list()
+        sizes = [os.path.getsize(p) + 2 * t for p, t in zip(paths, text, strict=True)]
+        shards = plan_shards(sizes, max_shard_bytes)
+        num_bytes = 0
+        for k, (a, b) in enumerate(shards):
+            blobs = [Path(p).read_bytes() for p in paths[a:b]]
+            table = _arrow_table(rows.slice(a, b - a), blobs, features)
+            out = dest / f"{split}-{k:05d}-of-{len(shards):05d}.parquet"
+            pq.write_table(table, out, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=False,
+                           store_schema=True)
+            num_bytes += table.nbytes
+            bar.update(b - a)
+        splits.append({"domain": domain, "split": split, "num_examples": rows.height, "num_bytes": num_bytes,
+                       "num_shards": len(shards)})
+    bar.close()
+    return splits
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames (old copy removed afterwards)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = None,
+            max_shard_mb: float = DEFAULT_MAX_SHARD_MB, progress: bool = True,
+            card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``out`` (default ``W/hub``) for ``datasets``; return ``{dataset: [split info]}``."""
+    import polars as pl
+
+    from dbr_builder.card import render_card
+    from dbr_builder.filter import chains_path
+    from dbr_builder.fsutil import write_text_atomic
+    from dbr_builder.manifest import load_manifest
+    from dbr_builder.stats import load_stats
+
+    workdir = Path(workdir)
+    hub = Path(out) if out else workdir / "hub"
+    if not datasets:
+        raise ValueError("publish: no datasets given (set `datasets:` in the pipeline or pass --datasets)")
+    infos: dict[str, Any] = {}
+    for ds in datasets:
+        cp = chains_path(workdir, ds)
+        if not cp.exists():
+            raise FileNotFoundError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
+        _, meta = load_manifest(workdir, ds)
+        meta = {**meta, "dataset": ds}
+        chains = pl.read_parquet(cp)
+        data = hub / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ds}.", dir=data))
+        try:
+            splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress)
+            _swap_in(tmp, data / ds)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": load_stats(workdir, ds),
+                     "teachers": sorted(set(chains.get_column("teacher").to_list()))}
+    # Folders of datasets no longer published would be loadable configs without a card entry.
+    for stale in sorted((hub / "data").iterdir()):
+        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in infos:
+            shutil.rmtree(stale)
+    write_text_atomic(hub / "README.md", render_card(infos, **(card_extra or {})))
+    return infos
+
+
+# --- stage protocol -------------------------------------------------------------------------
+
+def hub_dir(cfg: dict[str, Any], workdir: Path) -> Path:
+    return Path(cfg.get("out") or Path(workdir) / "hub")
+
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Publish ``cfg["datasets"]`` into W/hub; push when ``cfg["push"]`` names a repo."""
+    from dbr_builder.hub import push_folder
+
+    hub = hub_dir(cfg, workdir)
+    infos = publish(workdir, list(cfg.get("datasets") or []), hub, float(cfg.get("max_shard_mb",
+                                                                               DEFAULT_MAX_SHARD_MB)),
+                    card_extra={"pretty_name": cfg.get("pretty_name"), "repo_id": cfg.get("push")})
+    summary: dict[str, Any] = {
+        ds: {s["split"]: s["num_examples"] for s in info["splits"]} for ds, info in infos.items()
+    }
+    if cfg.get("push"):
+        res = push_folder(hub, cfg["push"], private=bool(cfg.get("private", False)),
+                          dry_run=bool(cfg.get("dry_run", False)))
+        summary["_push"] = {k: res[k] for k in ("repo_id", "files", "dry_run")}
+    return summary
+
+
+def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
+    # Only the card and data: huggingface_hub keeps its resume cache in W/hub/.cache.
+    hub = hub_dir(cfg, workdir)
+    return [hub / "README.md", hub / "data"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", "-w", required=True, help="work directory (reads chains/, manifest/, reports/)")
+    p.add_argument("--datasets", nargs="+", metavar="DATASET",
+                   help="datasets to publish (default: every W/chains/<Dataset>.parquet)")
+    p.add_argument("--out", help="output folder (default W/hub)")
+    p.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_MB,
+                   help=f"upper bound on a parquet shard's payload in MB (default {DEFAULT_MAX_SHARD_MB})")
+    p.add_argument("--pretty-name", help="dataset card title (default DomainBed-Reasoning)")
+    p.add_argument("--push", metavar="REPO_ID", help="also upload to this Hub dataset repo (token from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
+    p.add_argument("--no-write", action="store_true", help="push an existing W/hub as is, without rewriting it")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dbr_builder.cli import UserError
+    from dbr_builder.hub import push_folder
+
+    wd = Path(args.workdir)
+    cfg: dict[str, Any] = {"out": args.out, "max_shard_mb": args.max_shard_mb, "pretty_name": args.pretty_name,
+                           "push": args.push}
+    hub = hub_dir(cfg, wd)
+    if not args.no_write:
+        datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (wd / "chains").glob("*.parquet")
+                                           if not p.name.endswith(".rejects.parquet"))
+        if not datasets:
+            raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")
+        try:
+            infos = publish(wd, datasets, hub, args.max_shard_mb,
+                            card_extra={"pretty_name": args.pretty_name, "repo_id": args.push})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for ds, info in infos.items():
+            print(f"{ds}: " + ", ".join(f"{s['split']} {s['num_examples']}" for s in info["splits"]))
+        print(f"published -> {hub}  (load: datasets.load_dataset({str(hub)!r}, {datasets[0]!r}, "
+              f"split={infos[datasets[0]]['splits'][0]['split']!r}))")
+    if args.push:
+        push_folder(hub, args.push, private=args.private, dry_run=args.dry_run)
+    elif args.dry_run or args.private:
+        raise UserError("--dry-run and --private only apply with --push REPO_ID")
+    return 0
+
+
+def load_card_yaml(hub: str | Path) -> dict[str, Any]:
+    """The YAML header of ``hub/README.md`` as a dict (for tests and tools)."""
+    import yaml
+
+    text = (Path(hub) / "README.md").read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        raise ValueError(f"{hub}/README.md: no YAML header")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def dump_json(obj: Any) -> str:
+    """Compact deterministic JSON (used in the card)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ": "))
