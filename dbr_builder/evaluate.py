@@ -97,11 +97,24 @@ def find_students(workdir: Path, run: str, datasets: Sequence[str] | None = None
             raise ConfigError(f"{p}: student.json lacks {', '.join(missing)}; rerun `dbr train` for this student")
         if datasets and info["dataset"] not in datasets:
             continue
-        adapter = info.get("adapter")
-        info["adapter_dir"] = str((p.parent / adapter).resolve() if adapter else p.parent.resolve())
+        info["adapter_dir"] = student_adapter(p.parent, info)
         info["dir"] = str(p.parent)
         out.append(info)
     return out
+
+
+def student_adapter(final_dir: Path, info: dict[str, Any]) -> str | None:
+    """The LoRA adapter folder of a student, or None for a fully fine-tuned one (``adapter: null``).
+
+    ``student.json`` stores an absolute path; if the work directory was moved since, the
+    adapter in ``final/`` itself is used.
+    """
+    if not info.get("adapter"):
+        return None
+    a = final_dir / info["adapter"]
+    if not a.exists() and (final_dir / "adapter_config.json").exists():
+        a = final_dir
+    return str(a.resolve())
 
 
 def _student_spec(base_model: str, kind: str) -> str:
@@ -405,12 +418,24 @@ def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
 
 def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
-    from dbr_builder.backends import make_backend
+    from dbr_builder.backends import BackendError, make_backend
     from dbr_builder.fsutil import write_json_atomic
     from dbr_builder.results import load_paper_table, write_reports
 
     workdir = Path(workdir)
     names = _datasets_of(cfg, workdir)
+    if cfg.get("students", True) and not cfg.get("models"):
+        # only students to evaluate: skip datasets nobody has trained on (and their manifests)
+        trained = {s["dataset"] for s in find_students(workdir, cfg.get("students_run") or cfg.get("run") or "eval")}
+        skipped = [n for n in names if n not in trained]
+        names = [n for n in names if n in trained]
+        if skipped and names:
+            log(f"eval: no trained students for {', '.join(skipped)}; skipping")
+        if not names:
+            run_dir = workdir / "runs" / (cfg.get("students_run") or cfg.get("run") or "eval")
+            raise ConfigError(
+                f"no trained students under {run_dir}/<Dataset>/<heldout>/seed<k>/final/student.json for "
+                f"{', '.join(skipped)}; run `dbr train` first, or list baseline `models:` in the eval config")
     data = _load_datasets(workdir, names)
     domains = {ds: d.domains for ds, d in data.items()}
     jobs = plan_jobs(cfg, workdir, domains)
@@ -424,13 +449,19 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
     for (spec, adapter, options), group in groups.items():
         holder: dict[str, Any] = {}
 
-        def factory(spec=spec, adapter=adapter, options=options, holder=holder):
+        def factory(spec=spec, adapter=adapter, options=options, holder=holder, group=group):
             # loaded only when some job of this model still has missing answers
             if "b" not in holder:
                 opts = dict(options)
                 if adapter:
                     opts["adapter"] = adapter
-                holder["b"] = make_backend(spec, **opts)
+                shots = max((j.shots for j in group if j.mode == "icl"), default=0)
+                if spec.lower().startswith("vllm:") and shots and "limit_images" not in opts:
+                    opts["limit_images"] = shots + 1  # vLLM caps images per prompt (default 1)
+                try:
+                    holder["b"] = make_backend(spec, **opts)
+                except BackendError as e:
+                    raise ConfigError(f"eval: model {spec!r}: {e}") from None
             return holder["b"]
 
         for job in group:
@@ -529,7 +560,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             cfg["datasets"] = args.dataset or [info["dataset"]]
             cfg["heldout_domains"] = args.heldout or [info["heldout_domain"]]
             cfg["trial_seeds"] = args.trial_seed or [int(info["trial_seed"])]
-            adapter = str((adir / info["adapter"]).resolve() if info.get("adapter") else adir.resolve())
+            adapter = student_adapter(adir, info)
             # W/runs/<run>/<Dataset>/<heldout>/seed<k>/final: name the row after the run
             parents = adir.resolve().parents
             label = parents[3].name if len(parents) > 3 and adir.name == "final" else adir.name

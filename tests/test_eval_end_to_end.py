@@ -153,3 +153,15 @@ def _ns(**kw):
     p = argparse.ArgumentParser()
     evaluate.add_arguments(p)
     return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+def test_student_adapter_resolution(tmp_path: Path) -> None:
+    final = tmp_path / "final"
+    final.mkdir()
+    # fully fine-tuned student: no adapter, the base model is the folder itself
+    assert evaluate.student_adapter(final, {"adapter": None, "base_model": str(final)}) is None
+    # the absolute path recorded at training time is gone (work dir moved): use final/ itself
+    (final / "adapter_config.json").write_text("{}")
+    assert evaluate.student_adapter(final, {"adapter": "/moved/away/final"}) == str(final.resolve())
+    assert evaluate._student_spec("OpenGVLab/InternVL3-8B-hf", "hf") == "hf:OpenGVLab/InternVL3-8B-hf"
+    assert evaluate._student_spec("vllm:Qwen/Qwen2.5-VL-7B-Instruct", "hf") == "vllm:Qwen/Qwen2.5-VL-7B-Instruct"
