@@ -141,3 +141,13 @@ def test_safe_split_names_and_shard_plan():
     assert safe_split_name("Real World") == "Real_World" and safe_split_name("location_38") == "location_38"
     assert plan_shards([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert plan_shards([], 10) == []
+
+
+def test_filter_rerun_is_byte_identical(built):
+    from dbr_builder import filter as filt
+
+    wd, _, _ = built
+    before = _digest(wd / "chains")
+    filt.run({"stage": "filter", "dataset": DS, "template_collapse": {"max_images": 3},
+              "rationalize": {"enabled": True, "teacher": "oracle", "n": 2, "progress": False}}, wd)
+    assert _digest(wd / "chains") == before
