@@ -340,14 +340,14 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
     from tqdm import tqdm
 
     from dbr_builder.backends import Request
-    from dbr_builder.icl import icl_pool, select_examples
+    from dbr_builder.icl import group_pool, icl_pool, select_examples
 
     items = _eval_items(job, data, cfg.get("limit"))
     done = {k for k, r in read_predictions(path).items() if r.get("error") is None}
     todo = [r for r in items if r["image_id"] not in done]
     if not todo:
         return {"items": len(items), "generated": 0, "errors": 0}
-    pool = icl_pool(data.rows, job.heldout, cfg.get("icl_split", "in")) if job.mode == "icl" else []
+    pool = group_pool(icl_pool(data.rows, job.heldout, cfg.get("icl_split", "in"))) if job.mode == "icl" else None
     seed = int(cfg.get("seed", 0))
     backend = backend_factory()
     errors = 0
@@ -483,6 +483,7 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
     paths = write_reports(records, eval_dir, evaluated, paper, cfg.get("error", "se"),
                           title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`",
                           all_domains=domains)
+    log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
         log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
     return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
@@ -597,7 +598,6 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     workdir = Path(args.workdir or cfg.get("workdir") or "work")
     summary = run(cfg, workdir, progress=not args.no_progress)
-    print(Path(summary["outputs"]["md"]).read_text(encoding="utf-8"))
     print(f"results: {eval_dir_of(cfg, workdir)} ({summary['generated']} answers generated, "
           f"{summary['records']} scored)")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 SPLITS = ("in", "out", "all")
@@ -39,8 +40,25 @@ def _rng(seed: int, query_key: str) -> random.Random:
     return random.Random(int(digest[:16], 16))
 
 
+@dataclass(frozen=True)
+class ExamplePool:
+    """A candidate pool grouped by class (each class's rows sorted by image_id), built once per job."""
+
+    by_class: dict[str, list[dict[str, Any]]]
+    domains: frozenset[str]
+    size: int
+
+
+def group_pool(pool: Sequence[dict[str, Any]]) -> ExamplePool:
+    """Group pool rows by class, in an order independent of the input order."""
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(pool, key=lambda r: (r["class_name"], r["image_id"])):
+        by_class.setdefault(r["class_name"], []).append(r)
+    return ExamplePool(by_class, frozenset(r["domain"] for r in pool), len(pool))
+
+
 def select_examples(
-    pool: Sequence[dict[str, Any]],
+    pool: Sequence[dict[str, Any]] | ExamplePool,
     k: int,
     seed: int,
     query_key: str,
@@ -48,10 +66,11 @@ def select_examples(
 ) -> list[dict[str, Any]]:
     """``k`` class-balanced examples from ``pool`` for the query ``query_key``, seeded.
 
-    Classes are visited round-robin in a seeded random order, each class's images in a
-    seeded random order, so per-class counts differ by at most one whenever every class
-    has enough images (a class that runs out is skipped). The returned order is shuffled
-    too, so the position of an example says nothing about its class. Raises ValueError if
+    Classes are visited round-robin in a seeded random order, each class contributing a
+    seeded random sample of its images, so per-class counts differ by at most one whenever
+    every class has enough images (a class that runs out is skipped). The returned order is
+    shuffled too, so the position of an example says nothing about its class. ``pool`` may be
+    pre-grouped with :func:`group_pool` (much faster for many queries). Raises ValueError if
     the pool contains the held-out domain (it must never leak into the prompt) or holds
     fewer than ``k`` images.
     """
@@ -59,26 +78,32 @@ def select_examples(
         raise ValueError(f"number of in-context examples must be >= 0, got {k}")
     if k == 0:
         return []
-    if heldout_domain is not None and any(r["domain"] == heldout_domain for r in pool):
+    grouped = pool if isinstance(pool, ExamplePool) else group_pool(pool)
+    if heldout_domain is not None and heldout_domain in grouped.domains:
         raise ValueError(f"in-context pool contains images of the held-out domain {heldout_domain!r}")
-    if len(pool) < k:
-        raise ValueError(f"in-context pool has {len(pool)} images, fewer than k={k}")
+    if grouped.size < k:
+        raise ValueError(f"in-context pool has {grouped.size} images, fewer than k={k}")
     rng = _rng(seed, query_key)
-    by_class: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(pool, key=lambda r: (r["class_name"], r["image_id"])):
-        if r["image_id"] != query_key:
-            by_class.setdefault(r["class_name"], []).append(r)
-    order = sorted(by_class)
+    order = sorted(grouped.by_class)
     rng.shuffle(order)
-    for c in order:
-        rng.shuffle(by_class[c])
+    drawn: dict[str, list[dict[str, Any]]] = {}
+
+    def draw(c: str) -> list[dict[str, Any]]:
+        # a class's sample is drawn on first visit: O(k) per query, not O(pool)
+        if c not in drawn:
+            rows = grouped.by_class[c]
+            got = rng.sample(rows, min(k + 1, len(rows)))
+            drawn[c] = [r for r in got if r["image_id"] != query_key][:k]
+        return drawn[c]
+
     picked: list[dict[str, Any]] = []
     depth = 0
     while len(picked) < k:
         progressed = False
         for c in order:
-            if depth < len(by_class[c]):
-                picked.append(by_class[c][depth])
+            sample = draw(c)
+            if depth < len(sample):
+                picked.append(sample[depth])
                 progressed = True
                 if len(picked) == k:
                     break

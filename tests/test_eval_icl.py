@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from dbr_builder.icl import icl_content, icl_pool, select_examples
+from dbr_builder.icl import group_pool, icl_content, icl_pool, select_examples
 
 DOMAINS = ["art", "cartoon", "photo", "sketch"]
 CLASSES = ["a_cls", "b_cls", "c_cls", "d_cls", "e_cls"]
@@ -42,6 +42,7 @@ def test_seeded_and_varies_across_queries_and_seeds() -> None:
     a = [e["image_id"] for e in select_examples(pool, 4, seed=3, query_key="img-1")]
     b = [e["image_id"] for e in select_examples(list(reversed(pool)), 4, seed=3, query_key="img-1")]
     assert a == b  # same seed and query -> same examples, whatever the pool order
+    assert [e["image_id"] for e in select_examples(group_pool(pool), 4, seed=3, query_key="img-1")] == a
     others = {tuple(e["image_id"] for e in select_examples(pool, 4, seed=3, query_key=f"img-{i}"))
               for i in range(10)}
     assert len(others) > 5  # different queries get different examples
