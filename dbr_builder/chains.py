@@ -47,11 +47,11 @@ TAG_PATTERN = rf"(?i)<{WS}*/?{WS}*(?:{_TAGS}){WS}*>"
 PARTIAL_PATTERN = rf"<{WS}*/?{WS}*[A-Za-z]*$"
 # Contents of the five stages of a structurally valid chain (no other tags can sit between).
 CONTENT_PATTERN = "(?is)" + ".*?".join(rf"<{WS}*{s}{WS}*>(.*?)<{WS}*/{WS}*{s}{WS}*>" for s in STAGES)
+_SENTINEL = "\x00"
 FULL_SEQUENCE = "".join(f"<{s}></{s}>" for s in STAGES)
 
 _TAG_RE = re.compile(TAG_PATTERN)
 _PARTIAL_RE = re.compile(PARTIAL_PATTERN)
-_CONTENT_RE = re.compile(CONTENT_PATTERN)
 _WS_RE = re.compile(WS + "+")
 _SEQ_TOKEN_RE = re.compile(r"<(/?)([A-Z]+)>")
 
@@ -123,9 +123,8 @@ def parse_chain(text: str | None) -> ParsedChain:
         return ParsedChain(reason="truncated", truncated=True, stage=stage if ends_open else None)
     if reason is not None:
         return ParsedChain(reason=reason, stage=stage)
-    m = _CONTENT_RE.search(text)
-    assert m is not None  # guaranteed by a valid tag sequence
-    parts = [g.strip(WS_CHARS) for g in m.groups()]
+    # A valid sequence has exactly ten tags: the contents are the pieces between open and close.
+    parts = [g.strip(WS_CHARS) for g in _TAG_RE.split(text)[1:10:2]]
     for s, p in zip(STAGES, parts, strict=True):
         if not p:
             return ParsedChain(reason="empty_stage", stage=s)
@@ -168,12 +167,22 @@ def parse_chains_frame(texts: pl.Series | list[str | None]) -> pl.DataFrame:
         .when(trunc).then(pl.lit("truncated"))
         .otherwise(pl.col("_reason")),
     )
-    groups = pl.col("text").str.extract_groups(CONTENT_PATTERN)
     valid = pl.col("_pre").is_null()
+    # Split on the tags (much faster than a capture-group regex). A text holding the sentinel
+    # itself would split wrongly: such (rare) rows take the capture-group regex instead.
+    has_nul = pl.col("text").str.contains(_SENTINEL, literal=True).fill_null(False)
+    pieces = pl.col("text").str.replace_all(TAG_PATTERN, _SENTINEL).str.split(_SENTINEL)
+    df = df.with_columns(_pieces=pl.when(valid & ~has_nul).then(pieces), _nul=valid & has_nul)
     df = df.with_columns(
-        pl.when(valid).then(groups.struct.field(str(i + 1)).str.strip_chars(WS_CHARS)).otherwise(None).alias(f)
+        pl.col("_pieces").list.get(2 * i + 1, null_on_oob=True).str.strip_chars(WS_CHARS).alias(f)
         for i, f in enumerate(FIELDS)
     )
+    if df.get_column("_nul").any():
+        idx = df.with_row_index("_i").filter(pl.col("_nul")).get_column("_i")
+        groups = df[idx].select(pl.col("text").str.extract_groups(CONTENT_PATTERN)).to_series().struct.unnest()
+        for i, f in enumerate(FIELDS):
+            col = df.get_column(f).scatter(idx, groups.get_column(str(i + 1)).str.strip_chars(WS_CHARS))
+            df = df.with_columns(col.alias(f))
     empty_stage = pl.lit(None, pl.String)
     for f, st in reversed(list(zip(FIELDS, STAGES, strict=True))):  # first empty stage wins
         empty_stage = pl.when(valid & (pl.col(f) == "")).then(pl.lit(st)).otherwise(empty_stage)

@@ -18,7 +18,9 @@ parser codes          ``empty``, ``duplicate_stage``, ``malformed_tag``, ``missi
 ``no_class``          the conclusion names no class of the dataset
 ``ambiguous_class``   the conclusion names several classes
 ``wrong_label``       the conclusion names another class than the image's label
-``too_short`` / ``too_long``  a stage's word count is outside ``length.<stage>`` = [min, max]
+``too_short`` / ``too_long``  a stage's length in approximate tokens (characters / 4, rounded
+                      up: the usual BPE ratio for English, no tokenizer needed) is outside
+                      ``length.<stage>`` = [min, max]
 ``repetition``        degenerate repetition: too large a share of repeated sentences
 ``hint_leak``         a hinted (rationalization) chain mentions the hint
 ``template_collapse`` the same chain body (normalised) was accepted for more than
@@ -56,12 +58,12 @@ RULE_REASONS = (
     "missing_stage", "out_of_order", "empty_stage", "no_class", "ambiguous_class", "wrong_label",
     "too_short", "too_long", "repetition", "hint_leak", "template_collapse",
 )
-# Word-count bounds per stage: wide enough for GPT-4o-class teachers, tight enough to drop
-# one-word "reasoning" and runaway outputs.
+# Length bounds per stage in approximate tokens (chars / 4): wide enough for GPT-4o-class
+# teachers, tight enough to drop one-line "reasoning" and runaway outputs.
 DEFAULT_LENGTH: dict[str, tuple[int, int]] = {
-    "summary": (3, 150), "caption": (5, 300), "reasoning": (10, 800), "reflection": (3, 300), "conclusion": (1, 25),
+    "summary": (4, 200), "caption": (6, 400), "reasoning": (15, 1000), "reflection": (4, 400), "conclusion": (1, 30),
 }
-WORD_PATTERN = r"\S+"
+CHARS_PER_TOKEN = 4
 _NORM = r"[^0-9a-z]+"
 _HINT_PATTERN = r"(?i)\bhint\b|correct class is"
 
@@ -114,6 +116,13 @@ class Rules:
         )
 
 
+def approx_tokens(text: pl.Expr) -> pl.Expr:
+    """Approximate token count of a string column: ceil(characters / 4); 0 for null."""
+    import polars as pl
+
+    return ((text.str.len_chars().fill_null(0) + (CHARS_PER_TOKEN - 1)) // CHARS_PER_TOKEN).cast(pl.Int64)
+
+
 def _first_reason(checks: list[tuple[pl.Expr, str]], existing: pl.Expr) -> pl.Expr:
     """``existing`` if set, else the code of the first check that is true, else null."""
     import polars as pl
@@ -128,8 +137,9 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
                         rules: Rules) -> pl.DataFrame:
     """Every candidate joined to its manifest row(s) with a ``reason`` (null = accepted).
 
-    Adds the parsed stages, ``pred`` (the class the conclusion names), ``words_<stage>``,
-    ``words``, ``hinted`` and ``_row`` (the manifest row index). A candidate whose image sits in
+    Adds the parsed stages, ``pred`` (the class the conclusion names), ``tokens_<stage>`` and
+    ``tokens`` (lengths in approximate tokens, see :func:`approx_tokens`), ``hinted`` and
+    ``_row`` (the manifest row index). A candidate whose image sits in
     two manifest rows (identical files) is judged once per row; unknown images keep ``_row`` null.
     """
     import polars as pl
@@ -157,9 +167,9 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
     ).with_columns(pred=pl.when(pl.col("_ncls") == 1).then(pl.col("pred")).otherwise(None))
 
     df = df.with_columns(
-        [pl.col(f).str.count_matches(WORD_PATTERN).fill_null(0).alias(f"words_{f}") for f in FIELDS]
+        [approx_tokens(pl.col(f)).alias(f"tokens_{f}") for f in FIELDS]
     ).with_columns(
-        words=pl.sum_horizontal([f"words_{f}" for f in FIELDS]),
+        tokens=pl.sum_horizontal([f"tokens_{f}" for f in FIELDS]),
         hinted=pl.col("prompt_name") == "rationalize",
     )
     body = pl.concat_str([pl.col(f) for f in FIELDS[:4]], separator="\n")
@@ -174,8 +184,8 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
     ]
     for f in FIELDS:
         lo, hi = rules.length[f]
-        checks.append((pl.col(f"words_{f}") < lo, f"too_short:{f}"))
-        checks.append((pl.col(f"words_{f}") > hi, f"too_long:{f}"))
+        checks.append((pl.col(f"tokens_{f}") < lo, f"too_short:{f}"))
+        checks.append((pl.col(f"tokens_{f}") > hi, f"too_long:{f}"))
     if rules.max_repeat_fraction is not None:
         sentences = (body.str.to_lowercase().str.replace_all(r"[.!?\n]+", ".").str.strip_chars(". ")
                      .str.split(".").list.eval(pl.element().str.strip_chars()).list.eval(
@@ -194,8 +204,8 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
         .otherwise(None),
     )
     if rules.template_max_images is not None:
-        # Template collapse: one body (normalised) accepted for many images is a copied template.
-        df = df.with_columns(_body=body.str.to_lowercase().str.replace_all(_NORM, " ").hash(seed=0))
+        # Template collapse: one body (case-folded) accepted for many images is a copied template.
+        df = df.with_columns(_body=body.str.to_lowercase().hash(seed=0))
         ok = pl.col("reason").is_null()
         n_img = pl.col("image_id").filter(ok).n_unique().over("_body")
         df = df.with_columns(
@@ -213,11 +223,11 @@ def select_chains(evaluated: pl.DataFrame, policy: str = "first") -> pl.DataFram
     if policy == "first":
         key = pl.col("sample_index")
     elif policy == "shortest":
-        key = pl.col("words")
+        key = pl.col("tokens")
     elif policy == "longest":
-        key = -pl.col("words").cast(pl.Int64)
+        key = -pl.col("tokens").cast(pl.Int64)
     elif policy == "median":
-        key = (pl.col("words").cast(pl.Float64) - pl.col("words").median().over(["_row", "hinted"])).abs()
+        key = (pl.col("tokens").cast(pl.Float64) - pl.col("tokens").median().over(["_row", "hinted"])).abs()
     else:
         raise ValueError(f"unknown selection policy {policy!r}; use one of {SELECT_POLICIES}")
     return (

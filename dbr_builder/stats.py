@@ -78,7 +78,9 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
     zs_all = _rate(int(zs.get_column("correct").sum()), int(zs.get_column("images").sum()))
 
     lengths: dict[str, Any] = {}
-    words = kept.select([pl.col(f).str.count_matches(r"\S+").alias(f) for f in FIELDS]) \
+    from dbr_builder.filter import approx_tokens
+
+    words = kept.select([approx_tokens(pl.col(f)).alias(f) for f in FIELDS]) \
         .with_columns(total=pl.sum_horizontal(FIELDS))
     for f in [*FIELDS, "total"]:
         s = words.get_column(f)
@@ -112,7 +114,7 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
             "by_split": _records(coverage_table(manifest, kept, ["split"])),
         },
         "teacher_zero_shot": {"overall": zs_all, "by_domain": _records(zs)},
-        "chain_words": lengths,
+        "chain_tokens": lengths,
         "teachers": teachers,
     }
 
@@ -160,8 +162,8 @@ def render_markdown(dataset: str, stats: dict[str, Any]) -> str:
         _md_table(stats["coverage"]["by_split"], ["split", "images", "covered", "hinted", "coverage"]),
         "\n## Acceptance by prompt\n",
         _md_table(c["by_prompt"], ["prompt_name", "candidates", "accepted", "acceptance"]),
-        "\n## Chain length (words, kept chains)\n",
-        _md_table([{"stage": k, **v} for k, v in stats["chain_words"].items()],
+        "\n## Chain length (approximate tokens = characters / 4, kept chains)\n",
+        _md_table([{"stage": k, **v} for k, v in stats["chain_tokens"].items()],
                   ["stage", "mean", "median", "p5", "p95", "max"]),
     ]
     return "".join(parts)

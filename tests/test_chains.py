@@ -108,3 +108,10 @@ def test_frame_accepts_series_and_keeps_order():
     out = parse_chains_frame(pl.Series("t", texts))
     assert out["ok"].to_list() == [True, False, True]
     assert out["conclusion"].to_list() == ["star", None, "dog"]
+
+
+def test_text_with_nul_characters_parses_the_same():
+    texts = [GOOD.replace("red", "r\x00ed"), GOOD, "\x00"]
+    rows = parse_chains_frame(texts).to_dicts()
+    assert rows == [parse_chain(t).to_dict() for t in texts]
+    assert rows[0]["caption"] == "A r\x00ed star."

@@ -107,7 +107,7 @@ def test_multiword_class_and_synonyms():
 def test_selection_policy(policy, want):
     man = make_manifest(["dog"])
     texts = {0: chain("star"), 1: chain("dog", reasoning="Outline fits a dog " + "and more " * 10),
-             2: chain("dog", reasoning="Outline fits a dog " + "and more " * 3),
+             2: chain("dog", reasoning="Outline fits a dog " + "and more " * 5),
              3: chain("dog", reasoning="Outline fits a dog " + "and more " * 40)}
     cands = make_cands([(0, s, t) for s, t in texts.items()])
     ev = evaluate_candidates(cands, man, CLASSES, Rules())
@@ -144,7 +144,7 @@ def test_hinted_candidates_only_with_rationalization_and_lose_to_teacher():
     kept, rej = filter_candidates(cands, man, CLASSES, Rules(use_hinted=True))
     assert kept.get_column("hinted").to_list() == [False, True]
     assert "hint_leak" not in rej.get_column("reason").to_list()  # the leak is outside the tags
-    leak = make_cands([(1, 0, chain("dog", 13, reasoning="The hint says dog, and the outline fits a dog."))],
+    leak = make_cands([(1, 0, chain("dog", 13, reasoning="The hint says dog, and the outline with four legs fits a dog."))],
                       prompt="rationalize")
     ev = evaluate_candidates(pl.concat([teacher, leak]), man, CLASSES, Rules(use_hinted=True))
     assert "hint_leak" in ev.get_column("reason").to_list()
