@@ -165,3 +165,26 @@ def test_student_adapter_resolution(tmp_path: Path) -> None:
     assert evaluate.student_adapter(final, {"adapter": "/moved/away/final"}) == str(final.resolve())
     assert evaluate._student_spec("OpenGVLab/InternVL3-8B-hf", "hf") == "hf:OpenGVLab/InternVL3-8B-hf"
     assert evaluate._student_spec("vllm:Qwen/Qwen2.5-VL-7B-Instruct", "hf") == "vllm:Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def test_eval_stage_in_a_pipeline(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dbr run` validates the eval entry against its schema, runs it, then finds it up to date."""
+    from dbr_builder.pipeline import run_pipeline
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(
+        "datasets: [SynthShapes]\n"
+        "stages:\n"
+        "  - stage: eval\n"
+        "    run: piped\n"
+        "    students: false\n"
+        "    models: [{name: oracle, spec: oracle, modes: [reasoning, direct]}]\n"
+        "    heldout_domains: [sketch]\n")
+    logs: list[str] = []
+    assert run_pipeline(pipe, workdir, log=logs.append) == {"eval": "ran"}
+    assert "| oracle [reasoning] |" in capsys.readouterr().out  # `dbr run` prints the table
+    assert run_pipeline(pipe, workdir, log=logs.append) == {"eval": "skipped"}
+    assert (workdir / "runs" / "piped" / "eval" / "SynthShapes.png").exists()
+    pipe.write_text(pipe.read_text() + "    modez: [direct]\n")
+    with pytest.raises(ConfigError, match="modez"):
+        run_pipeline(pipe, workdir, log=logs.append)
