@@ -187,9 +187,9 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
         checks.append((pl.col(f"tokens_{f}") < lo, f"too_short:{f}"))
         checks.append((pl.col(f"tokens_{f}") > hi, f"too_long:{f}"))
     if rules.max_repeat_fraction is not None:
-        sentences = (body.str.to_lowercase().str.replace_all(r"[.!?\n]+", ".").str.strip_chars(". ")
-                     .str.split(".").list.eval(pl.element().str.strip_chars()).list.eval(
-                         pl.element().filter(pl.element() != "")))
+        # Sentences = pieces between [.!?\n] runs (one regex pass, then a literal split).
+        sentences = (body.str.to_lowercase().str.replace_all(r"[ \t]*[.!?\n]+[ \t]*", ".")
+                     .str.strip_chars(".").str.split("."))
         n = sentences.list.len()
         rep = (n >= rules.min_sentences_for_repeat) & (
             (n - sentences.list.n_unique()) > rules.max_repeat_fraction * n)
