@@ -57,7 +57,7 @@ class Job:
     dataset: str
     heldout: str
     trial_seed: int
-    options: tuple[tuple[str, Any], ...] = ()  # backend options (sorted items)
+    options: str = "{}"  # backend options as canonical JSON (hashable, may nest)
 
     @property
     def method(self) -> str:
@@ -117,6 +117,10 @@ def student_adapter(final_dir: Path, info: dict[str, Any]) -> str | None:
     return str(a.resolve())
 
 
+def _options_json(options: dict[str, Any] | None) -> str:
+    return json.dumps(options or {}, sort_keys=True, default=str)
+
+
 def _student_spec(base_model: str, kind: str) -> str:
     """Backend spec of a student's base model (``student.json`` stores a model id or path)."""
     from dbr_builder.backends import KINDS
@@ -150,8 +154,7 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
                     jobs.append(Job(cfg.get("student_name") or students_run,
                                     _student_spec(st["base_model"], cfg.get("student_backend", "hf")),
                                     st["adapter_dir"], mode, k, st["dataset"], st["heldout_domain"],
-                                    int(st["trial_seed"]),
-                                    tuple(sorted((cfg.get("student_options") or {}).items()))))
+                                    int(st["trial_seed"]), _options_json(cfg.get("student_options"))))
         if not found and not cfg.get("models"):
             raise ConfigError(
                 f"no trained students under {workdir / 'runs' / students_run}/<Dataset>/<heldout>/seed<k>/final/"
@@ -173,7 +176,7 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
                     for k in (shots if mode == "icl" else [0]):
                         for s in mseeds:
                             jobs.append(Job(m.get("name") or m["spec"], m["spec"], adapter, mode, k, ds, dom, s,
-                                            tuple(sorted((m.get("options") or {}).items()))))
+                                            _options_json(m.get("options"))))
     return jobs
 
 
@@ -212,7 +215,7 @@ def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
     names = {"direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
              "icl": ["zeroshot_choice", "icl_example", "icl_query"]}[job.mode]
     return {
-        "spec": job.spec, "options": [list(o) for o in job.options], "mode": job.mode, "shots": job.shots,
+        "spec": job.spec, "options": json.loads(job.options), "mode": job.mode, "shots": job.shots,
         "adapter": job.adapter,
         # a retrained adapter in the same folder must not reuse old answers
         "adapter_files": tree_fingerprint([Path(job.adapter)]) if job.adapter else None,
@@ -452,7 +455,7 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
         def factory(spec=spec, adapter=adapter, options=options, holder=holder, group=group):
             # loaded only when some job of this model still has missing answers
             if "b" not in holder:
-                opts = dict(options)
+                opts = json.loads(options)
                 if adapter:
                     opts["adapter"] = adapter
                 shots = max((j.shots for j in group if j.mode == "icl"), default=0)
