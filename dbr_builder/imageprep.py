@@ -49,7 +49,8 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None, min_
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
             w, h = fit_size(im.width, im.height, max_pixels)
             im.draft("RGB", (w, h))
-        im = ImageOps.exif_transpose(im)
+        if im.getexif().get(0x0112, 1) != 1:  # only rotated photos: exif_transpose always copies
+            im = ImageOps.exif_transpose(im)
         if im.mode != "RGB":
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # Composite transparency onto white, not black (sketch domains are line art).

@@ -37,7 +37,7 @@ class HFBackend:
     def __init__(self, model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
                  batch_size: int = 8, max_pixels: int | None = None, min_pixels: int | None = None,
                  attn_implementation: str | None = None, trust_remote_code: bool = False,
-                 merge_adapter: bool = False, local_files_only: bool | None = None):
+                 merge_adapter: bool = False, local_files_only: bool | None = None, fixed_length: bool = False):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -65,6 +65,7 @@ class HFBackend:
             if merge_adapter:
                 net = net.merge_and_unload()
         self.net = net.to(self.device).eval()
+        self.fixed_length = bool(fixed_length)  # benchmarks: always generate max_new_tokens
         self.model = f"{model}+{adapter}" if adapter else model
         self.batch_size = max(1, int(batch_size))
         self.max_pixels, self.min_pixels = max_pixels, min_pixels
@@ -80,9 +81,10 @@ class HFBackend:
 
     @classmethod
     def from_loaded(cls, net: Any, processor: Any, name: str, batch_size: int = 8,
-                    max_pixels: int | None = None) -> HFBackend:
+                    max_pixels: int | None = None, fixed_length: bool = False) -> HFBackend:
         """Wrap a model already in memory (e.g. the student during training)."""
         self = cls.__new__(cls)
+        self.fixed_length = fixed_length
         self.net, self.processor, self.model = net, processor, name
         self.device = str(next(net.parameters()).device)
         self.batch_size, self.max_pixels, self.min_pixels = batch_size, max_pixels, None
@@ -123,6 +125,8 @@ class HFBackend:
         do_sample = r0.temperature > 0
         gen_kw: dict[str, Any] = {"max_new_tokens": r0.max_new_tokens, "do_sample": do_sample,
                                   "num_return_sequences": r0.n, "pad_token_id": self.pad_id}
+        if self.fixed_length:
+            gen_kw["min_new_tokens"] = r0.max_new_tokens
         if do_sample:
             gen_kw.update(temperature=r0.temperature, top_p=r0.top_p)
         if r0.seed is not None:
