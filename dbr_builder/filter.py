@@ -342,7 +342,12 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     if rules.use_hinted:
         covered = ev.filter(pl.col("reason").is_null()).get_column("_row").unique()
         missing = manifest.with_row_index("_row").filter(~pl.col("_row").is_in(covered.implode()))
-        ids = sorted(set(missing.get_column("image_id").to_list()))
+        # Images whose hinted candidates are all stored already were tried: asking again would
+        # only touch the store (and make `dbr run` think the generate stage changed).
+        n_hint = int((cfg.get("rationalize") or {}).get("n", 2))
+        tried = (candidates.filter((pl.col("prompt_name") == "rationalize") & pl.col("error").is_null())
+                 .group_by("image_id").len().filter(pl.col("len") >= n_hint).get_column("image_id"))
+        ids = sorted(set(missing.get_column("image_id").to_list()) - set(tried.to_list()))
         sent = _rationalize(cfg, workdir, dataset, ids)
         if sent:
             ev = evaluate_candidates(read_results(workdir, dataset), manifest, classes, rules)
