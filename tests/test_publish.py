@@ -151,3 +151,18 @@ def test_filter_rerun_is_byte_identical(built):
     filt.run({"stage": "filter", "dataset": DS, "template_collapse": {"max_images": 3},
               "rationalize": {"enabled": True, "teacher": "oracle", "n": 2, "progress": False}}, wd)
     assert _digest(wd / "chains") == before
+
+
+def test_published_rows_match_their_schema(built):
+    import jsonschema
+    import pyarrow.parquet as pq
+
+    from dbr_builder.config import load_schema
+
+    wd, _, _ = built
+    validator = jsonschema.Draft202012Validator(load_schema("published_row.schema.json"))
+    shard = sorted((wd / "hub" / "data" / DS).glob("*.parquet"))[0]
+    rows = pq.read_table(shard).to_pylist()
+    assert rows
+    for row in rows:
+        validator.validate(row)
