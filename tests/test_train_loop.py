@@ -62,7 +62,8 @@ def test_killed_stage_resumes_from_checkpoint(tiny_model_path, examples, tmp_pat
     where an uninterrupted run ends (data order, optimizer, scheduler and RNG all restored)."""
     from trainers.loop import train_stage, trainable_state
 
-    lc = _lc(epochs=2)  # 8 images, 4 per step -> 4 steps over two epochs
+    lc = _lc(epochs=2, batch_size=2, micro_batch_size=1)  # 4 images, 2 per step -> 4 steps over two epochs
+    examples = examples[:4]
     processor, model = _student(tiny_model_path)
     enc = _encoder(processor, examples)
     train_stage(model, enc, examples, lc, tmp_path / "full")
@@ -99,7 +100,7 @@ def test_checkpoint_swap_survives_a_crash_between_renames(tiny_model_path, examp
 
     processor, model = _student(tiny_model_path)
     w = tmp_path / "w"
-    train_stage(model, _encoder(processor, examples), examples, _lc(max_steps=2), w)
+    train_stage(model, _encoder(processor, examples[:2]), examples[:2], _lc(max_steps=1, batch_size=2), w)
     os.replace(w / "checkpoint", w / ".checkpoint.old")
     assert find_checkpoint(w) == w / ".checkpoint.old"
 
