@@ -58,11 +58,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_VOLATILE = ("-wal", "-shm", "-journal")
+
+
 def tree_fingerprint(paths: list[Path]) -> str:
     """Cheap fingerprint of files/folders: relative names, sizes and mtimes.
 
     Used by ``dbr run`` to tell whether a stage's inputs or outputs changed.
     A missing path contributes ``None`` so that its later appearance changes the hash.
+    SQLite's ``-wal``/``-shm``/``-journal`` sidecars are skipped: merely reading a store
+    in WAL mode touches them, which would make every rerun look like a change.
     """
     items: list[Any] = []
     for p in paths:
@@ -76,6 +81,8 @@ def tree_fingerprint(paths: list[Path]) -> str:
             for root, dirs, files in os.walk(p):
                 dirs.sort()
                 for name in sorted(files):
+                    if name.endswith(_VOLATILE):
+                        continue
                     fp = Path(root) / name
                     st = fp.stat()
                     items.append([str(fp), st.st_size, st.st_mtime_ns])

@@ -94,7 +94,9 @@ class VLLMBackend:
         if adapter:
             kw.update(enable_lora=True, max_lora_rank=int(max_lora_rank))
         kw.update(engine_kwargs or {})
-        self.llm = vllm.LLM(**kw)
+        # The engine starts on first use: a rerun with nothing left to generate (resume scan
+        # only) must not spend minutes loading a 72B model.
+        self._vllm, self._engine_kwargs, self._llm = vllm, kw, None
         self.lora = None
         if adapter:
             from vllm.lora.request import LoRARequest
@@ -103,6 +105,13 @@ class VLLMBackend:
         self.model = f"{model}+{adapter}" if adapter else model
         self.max_pixels = max_pixels
         self._structured = (regex, json_schema)
+
+    @property
+    def llm(self):
+        """The ``vllm.LLM`` engine, started on first access."""
+        if self._llm is None:
+            self._llm = self._vllm.LLM(**self._engine_kwargs)
+        return self._llm
 
     def sampling_params(self, req: Request):
         """``SamplingParams`` for one request (n candidates, optional structured output)."""
