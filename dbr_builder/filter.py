@@ -133,6 +133,52 @@ def _first_reason(checks: list[tuple[pl.Expr, str]], existing: pl.Expr) -> pl.Ex
     return pl.coalesce(existing, out)
 
 
+# Sentence splitting for the repetition rule, on the lower-cased body. The reference rule is
+# ``replace_all(r"[ \t]*[.!?\n]+[ \t]*", ".")``; a leading ``[ \t]*`` lets a match start at
+# every space, which is slow. Two passes give the same string: punctuation runs plus the
+# blanks after them become ".", then the blanks left before a "." go (the only "." left are
+# separators). Tested against the one-pass form in tests/test_filter_fastpath.py.
+SENTENCE_SPLIT_REFERENCE = r"[ \t]*[.!?\n]+[ \t]*"
+_SENTENCE_PASS_1 = r"[.!?\n]+[ \t]*"
+_SENTENCE_PASS_2 = r"[ \t]+\."
+
+
+def sentences_expr(lower_body: pl.Expr) -> pl.Expr:
+    """The sentences of a lower-cased chain body (pieces between ``[.!?\\n]`` runs, blanks trimmed)."""
+    return (lower_body.str.replace_all(_SENTENCE_PASS_1, ".").str.replace_all(_SENTENCE_PASS_2, ".")
+            .str.strip_chars(".").str.split("."))
+
+
+def class_table(conclusions: pl.Series, classes: list[str], synonyms: dict[str, list[str]]) -> pl.DataFrame:
+    """``conclusion, _ncls, pred`` for each distinct non-null conclusion (one regex pass each).
+
+    ``_ncls`` is the number of distinct classes named, ``pred`` the class when exactly one.
+    Same rule as :func:`dbr_builder.answers.match_class`.
+    """
+    import polars as pl
+
+    from dbr_builder.answers import matcher
+
+    cm = matcher(classes, synonyms)
+    keys, vals = list(cm.surface_to_class), list(cm.surface_to_class.values())
+    uniq = conclusions.drop_nulls().unique().rename("conclusion")
+    found = (pl.col("conclusion").str.to_lowercase().str.replace_all(_NORM, " ").str.extract_all(cm.pattern)
+             .list.eval(pl.element().replace_strict(keys, vals, default=None, return_dtype=pl.String))
+             .list.unique(maintain_order=True))
+    return pl.DataFrame({"conclusion": uniq}).with_columns(_found=found).select(
+        "conclusion",
+        _ncls=pl.col("_found").list.len().cast(pl.UInt32),
+        pred=pl.when(pl.col("_found").list.len() == 1).then(pl.col("_found").list.first()).otherwise(None),
+    )
+
+
+def _code_parts(codes: list[str]) -> tuple[list[str], list[str | None]]:
+    """Split rule codes such as ``too_short:summary`` into (reason, reason stage)."""
+    reasons = [c.split(":")[0] for c in codes]
+    stages = [c.split(":")[-1].upper() if ":" in c else None for c in codes]
+    return reasons, stages
+
+
 def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classes: list[str],
                         rules: Rules) -> pl.DataFrame:
     """Every candidate joined to its manifest row(s) with a ``reason`` (null = accepted).
@@ -141,10 +187,13 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
     ``tokens`` (lengths in approximate tokens, see :func:`approx_tokens`), ``hinted`` and
     ``_row`` (the manifest row index). A candidate whose image sits in
     two manifest rows (identical files) is judged once per row; unknown images keep ``_row`` null.
+
+    Work is done once where it can be: each candidate text is parsed once (before the manifest
+    join), each distinct conclusion is matched once, and the costly text rules (repetition,
+    hint leak, template collapse) only look at candidates that passed every earlier rule, which
+    gives the same first-failing reason.
     """
     import polars as pl
-
-    from dbr_builder.answers import matcher
 
     cand = candidates
     if rules.models is not None:
@@ -152,27 +201,22 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
     if not rules.use_hinted:
         cand = cand.filter(pl.col("prompt_name") != "rationalize")
     m = manifest.with_row_index("_row").select("_row", "image_id", "domain", "class_name", "label")
-    df = cand.join(m, on="image_id", how="left", maintain_order="left")
-    parsed = parse_chains_frame(df.get_column("text"))
-    df = pl.concat([df, parsed.rename({"reason": "parse_reason", "stage": "reason_stage"})], how="horizontal")
+    out_columns = [*cand.columns, *(c for c in m.columns if c != "image_id"), *FIELDS, "truncated",
+                   "reason_stage", "pred", *(f"tokens_{f}" for f in FIELDS), "tokens", "hinted", "reason"]
 
-    cm = matcher(classes, rules.synonyms)
-    keys, vals = list(cm.surface_to_class), list(cm.surface_to_class.values())
-    found = (pl.col("conclusion").str.to_lowercase().str.replace_all(_NORM, " ").str.extract_all(cm.pattern)
-             .list.eval(pl.element().replace_strict(keys, vals, default=None, return_dtype=pl.String))
-             .list.unique(maintain_order=True))
-    df = df.with_columns(_found=found).with_columns(
-        _ncls=pl.col("_found").list.len().fill_null(0),
-        pred=pl.col("_found").list.first(),
-    ).with_columns(pred=pl.when(pl.col("_ncls") == 1).then(pl.col("pred")).otherwise(None))
-
-    df = df.with_columns(
+    parsed = parse_chains_frame(cand.get_column("text")).rename({"reason": "parse_reason", "stage": "reason_stage"})
+    cand = pl.concat([cand, parsed], how="horizontal")
+    table = class_table(cand.get_column("conclusion"), classes, rules.synonyms)
+    cand = cand.join(table, on="conclusion", how="left", maintain_order="left")
+    cand = cand.with_columns(
         [approx_tokens(pl.col(f)).alias(f"tokens_{f}") for f in FIELDS]
     ).with_columns(
         tokens=pl.sum_horizontal([f"tokens_{f}" for f in FIELDS]),
         hinted=pl.col("prompt_name") == "rationalize",
+        _ncls=pl.col("_ncls").fill_null(0),
     )
-    body = pl.concat_str([pl.col(f) for f in FIELDS[:4]], separator="\n")
+    df = cand.join(m, on="image_id", how="left", maintain_order="left")
+
     checks: list[tuple[pl.Expr, str]] = [
         (pl.col("error").is_not_null(), "generation_error"),
         (pl.col("_row").is_null(), "unknown_image"),
@@ -186,33 +230,52 @@ def evaluate_candidates(candidates: pl.DataFrame, manifest: pl.DataFrame, classe
         lo, hi = rules.length[f]
         checks.append((pl.col(f"tokens_{f}") < lo, f"too_short:{f}"))
         checks.append((pl.col(f"tokens_{f}") > hi, f"too_long:{f}"))
-    if rules.max_repeat_fraction is not None:
-        # Sentences = pieces between [.!?\n] runs (one regex pass, then a literal split).
-        sentences = (body.str.to_lowercase().str.replace_all(r"[ \t]*[.!?\n]+[ \t]*", ".")
-                     .str.strip_chars(".").str.split("."))
-        n = sentences.list.len()
-        rep = (n >= rules.min_sentences_for_repeat) & (
-            (n - sentences.list.n_unique()) > rules.max_repeat_fraction * n)
-        checks.append((rep, "repetition"))
-    checks.append((pl.col("hinted") & body.str.contains(_HINT_PATTERN).fill_null(False), "hint_leak"))
-    df = df.with_columns(_code=_first_reason(checks, pl.lit(None, pl.String)))
-    df = df.with_columns(
+    code = df.select(_first_reason(checks, pl.lit(None, pl.String)).alias("_code")).to_series()
+    code = _late_rules(df, code, rules)
+
+    all_codes = [c for c in code.drop_nulls().unique().to_list() if c != "__parse__"]
+    reasons, stages = _code_parts(all_codes)
+    df = df.with_columns(_code=code).with_columns(
         reason=pl.when(pl.col("_code") == "__parse__").then(pl.col("parse_reason"))
-        .otherwise(pl.col("_code").str.split(":").list.first()),
+        .otherwise(pl.col("_code").replace_strict(all_codes, reasons, default=None, return_dtype=pl.String)),
         reason_stage=pl.when(pl.col("_code") == "__parse__").then(pl.col("reason_stage"))
-        .when(pl.col("_code").str.contains(":")).then(pl.col("_code").str.split(":").list.last().str.to_uppercase())
-        .otherwise(None),
+        .otherwise(pl.col("_code").replace_strict(all_codes, stages, default=None, return_dtype=pl.String)),
     )
+    return df.select(out_columns)
+
+
+def _late_rules(df: pl.DataFrame, code: pl.Series, rules: Rules) -> pl.Series:
+    """Apply repetition, hint leak and template collapse to the rows ``code`` still accepts."""
+    import polars as pl
+
+    alive = code.is_null()
+    if not alive.any() or (rules.max_repeat_fraction is None and rules.template_max_images is None
+                           and not df.get_column("hinted").any()):
+        return code
+    idx = alive.arg_true()
+    sub = df.select(*FIELDS[:4], "hinted", "image_id").filter(alive)
+    body = pl.concat_str([pl.col(f) for f in FIELDS[:4]], separator="\n")
+    sub = sub.with_columns(_lower=body.str.to_lowercase())
+    late: list[tuple[pl.Expr, str]] = []
+    if rules.max_repeat_fraction is not None:
+        sub = sub.with_columns(_sent=sentences_expr(pl.col("_lower")))
+        n = pl.col("_sent").list.len()
+        late.append(((n >= rules.min_sentences_for_repeat)
+                     & ((n - pl.col("_sent").list.n_unique()) > rules.max_repeat_fraction * n), "repetition"))
+    # The hint pattern runs on the original body (case-insensitive regex), only for hinted rows.
+    late.append((pl.col("hinted") & pl.when(pl.col("hinted")).then(body.str.contains(_HINT_PATTERN)).fill_null(False),
+                 "hint_leak"))
+    sub = sub.with_columns(_late=_first_reason(late, pl.lit(None, pl.String)))
     if rules.template_max_images is not None:
         # Template collapse: one body (case-folded) accepted for many images is a copied template.
-        df = df.with_columns(_body=body.str.to_lowercase().hash(seed=0))
-        ok = pl.col("reason").is_null()
+        ok = pl.col("_late").is_null()
+        sub = sub.with_columns(_body=pl.when(ok).then(pl.col("_lower").hash(seed=0)))
         n_img = pl.col("image_id").filter(ok).n_unique().over("_body")
-        df = df.with_columns(
-            reason=pl.when(ok & (n_img > rules.template_max_images)).then(pl.lit("template_collapse"))
-            .otherwise(pl.col("reason"))
-        ).drop("_body")
-    return df.drop("_code", "_ncls", "_found", "parse_reason", "ok")
+        sub = sub.with_columns(
+            _late=pl.when(ok & (n_img > rules.template_max_images)).then(pl.lit("template_collapse"))
+            .otherwise(pl.col("_late"))
+        )
+    return code.scatter(idx, sub.get_column("_late"))
 
 
 def select_chains(evaluated: pl.DataFrame, policy: str = "first") -> pl.DataFrame:
