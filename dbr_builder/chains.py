@@ -147,40 +147,52 @@ def parse_chains_frame(texts: pl.Series | list[str | None]) -> pl.DataFrame:
     Columns: ``summary, caption, reasoning, reflection, conclusion, ok, reason, truncated, stage``.
 
     Texts whose tags are exactly the ten canonical ones (``<SUMMARY>...</CONCLUSION>``, upper
-    case, no spaces, in order: what teachers write nearly always) take a fast path: a literal
-    multi-pattern split instead of the regex passes. The rest take :func:`_parse_general`.
+    case, no spaces, in order: what teachers write nearly always) take a fast path: literal
+    searches for the ten tags and byte slices between them, no regex over the contents. The
+    rest take :func:`_parse_general`.
     """
     import polars as pl
 
     s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
     s = s.cast(pl.String).rename("text")
-    # Exactly the canonical tags in order <=> the joined tag matches equal FULL_SEQUENCE. A text
-    # holding the split sentinel itself goes to the general path, which handles it.
-    canon = ((s.str.extract_all(TAG_PATTERN).list.join("") == FULL_SEQUENCE)
-             & ~s.str.contains(_SENTINEL, literal=True)).fill_null(False)
+    # Canonical <=> exactly ten tag matches, and the ten canonical tags found (first occurrence,
+    # literal) at strictly increasing positions: then those ten are all the matches, in order.
+    pos = pl.DataFrame({"text": s}).with_columns(
+        pl.col("text").str.count_matches(TAG_PATTERN).alias("_n"),
+        *(pl.col("text").str.find(t, literal=True).alias(f"_p{i}") for i, t in enumerate(_CANONICAL_TAGS)),
+    )
+    canon = pos.select(
+        ((pl.col("_n") == len(_CANONICAL_TAGS))
+         & pl.all_horizontal(pl.col(f"_p{i}") < pl.col(f"_p{i + 1}") for i in range(len(_CANONICAL_TAGS) - 1)))
+        .fill_null(False)
+    ).to_series()
     n_canon = int(canon.sum())
     if n_canon == s.len():
-        return _parse_canonical(s)
+        return _parse_canonical(pos)
     if n_canon == 0:
         return _parse_general(s)
     idx = pl.Series("_i", range(s.len()), dtype=pl.UInt32)
-    fast = _parse_canonical(s.filter(canon)).with_columns(idx.filter(canon))
+    fast = _parse_canonical(pos.filter(canon)).with_columns(idx.filter(canon))
     slow = _parse_general(s.filter(~canon)).with_columns(idx.filter(~canon))
     return pl.concat([fast, slow], how="vertical").sort("_i").drop("_i")
 
 
-def _parse_canonical(s: pl.Series) -> pl.DataFrame:
+def _parse_canonical(pos: pl.DataFrame) -> pl.DataFrame:
     """:func:`parse_chains_frame` for texts whose tags are exactly the canonical ten, in order.
 
-    Such a text is structurally valid, so the only possible reason is ``empty_stage``.
+    ``pos`` has ``text`` and ``_p0`` ... ``_p9``, the byte offsets of the ten tags. Such a
+    text is structurally valid, so the only possible reason is ``empty_stage``.
     """
     import polars as pl
 
-    pieces = s.str.replace_many(_CANONICAL_TAGS, [_SENTINEL] * len(_CANONICAL_TAGS)).str.split(_SENTINEL)
-    df = pl.DataFrame({"_p": pieces}).select(
-        pl.col("_p").list.get(2 * i + 1, null_on_oob=True).str.strip_chars(WS_CHARS).alias(f)
-        for i, f in enumerate(FIELDS)
-    )
+    raw = pl.col("text").cast(pl.Binary)  # byte slices: the offsets are byte offsets
+
+    def content(i: int) -> pl.Expr:
+        start = pl.col(f"_p{2 * i}") + len(_CANONICAL_TAGS[2 * i])
+        # Cut at ASCII tags, so every slice is valid UTF-8 again.
+        return raw.bin.slice(start, pl.col(f"_p{2 * i + 1}") - start).cast(pl.String).str.strip_chars(WS_CHARS)
+
+    df = pos.select(content(i).alias(f) for i, f in enumerate(FIELDS))
     empty_stage = pl.lit(None, pl.String)
     for f, st in reversed(list(zip(FIELDS, STAGES, strict=True))):  # first empty stage wins
         empty_stage = pl.when(pl.col(f) == "").then(pl.lit(st)).otherwise(empty_stage)

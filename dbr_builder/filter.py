@@ -262,9 +262,11 @@ def _late_rules(df: pl.DataFrame, code: pl.Series, rules: Rules) -> pl.Series:
         n = pl.col("_sent").list.len()
         late.append(((n >= rules.min_sentences_for_repeat)
                      & ((n - pl.col("_sent").list.n_unique()) > rules.max_repeat_fraction * n), "repetition"))
-    # The hint pattern runs on the original body (case-insensitive regex), only for hinted rows.
-    late.append((pl.col("hinted") & pl.when(pl.col("hinted")).then(body.str.contains(_HINT_PATTERN)).fill_null(False),
-                 "hint_leak"))
+    hinted = sub.get_column("hinted")
+    if hinted.any():  # the hint pattern runs on the original body, only for the hinted rows
+        leak = sub.filter(hinted).select(body.str.contains(_HINT_PATTERN)).to_series()
+        sub = sub.with_columns(_leak=pl.repeat(False, sub.height, eager=True).scatter(hinted.arg_true(), leak))
+        late.append((pl.col("_leak"), "hint_leak"))
     sub = sub.with_columns(_late=_first_reason(late, pl.lit(None, pl.String)))
     if rules.template_max_images is not None:
         # Template collapse: one body (case-folded) accepted for many images is a copied template.
