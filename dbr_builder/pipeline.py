@@ -98,6 +98,7 @@ def run_pipeline(
     stamps = wd / ".stamps"
     upstream: list[str] = []  # output fingerprints of earlier units, in order
     report: dict[str, Any] = {}
+    produced: dict[str, list[Path]] = {}
     for unit, sel in zip(units, selected, strict=True):
         mod = load_stage(unit.stage)
         out_paths = [Path(p) for p in mod.outputs(unit.cfg, wd)]
@@ -132,7 +133,12 @@ def run_pipeline(
                  "seconds": round(time.perf_counter() - t0, 3)},
             )
             report[unit.label] = "ran"
+        if sel:
+            produced[unit.label] = [p for p in out_paths if p.exists()]
         upstream.append(tree_fingerprint(out_paths))
+    log("outputs:")
+    for label, paths in produced.items():
+        log(f"  {label:<28} " + ", ".join(str(p) for p in paths))
     return report
 
 
