@@ -157,10 +157,12 @@ def parse_chains_frame(texts: pl.Series | list[str | None]) -> pl.DataFrame:
     s = s.cast(pl.String).rename("text")
     # Canonical <=> exactly ten tag matches, and the ten canonical tags found (first occurrence,
     # literal) at strictly increasing positions: then those ten are all the matches, in order.
-    pos = pl.DataFrame({"text": s}).with_columns(
+    # The streaming engine splits the rows into morsels and uses every thread; the eager engine
+    # runs each string kernel on one thread.
+    pos = pl.DataFrame({"text": s}).lazy().with_columns(
         pl.col("text").str.count_matches(TAG_PATTERN).alias("_n"),
         *(pl.col("text").str.find(t, literal=True).alias(f"_p{i}") for i, t in enumerate(_CANONICAL_TAGS)),
-    )
+    ).collect(engine="streaming")
     canon = pos.select(
         ((pl.col("_n") == len(_CANONICAL_TAGS))
          & pl.all_horizontal(pl.col(f"_p{i}") < pl.col(f"_p{i + 1}") for i in range(len(_CANONICAL_TAGS) - 1)))
@@ -192,7 +194,7 @@ def _parse_canonical(pos: pl.DataFrame) -> pl.DataFrame:
         # Cut at ASCII tags, so every slice is valid UTF-8 again.
         return raw.bin.slice(start, pl.col(f"_p{2 * i + 1}") - start).cast(pl.String).str.strip_chars(WS_CHARS)
 
-    df = pos.select(content(i).alias(f) for i, f in enumerate(FIELDS))
+    df = pos.lazy().select(content(i).alias(f) for i, f in enumerate(FIELDS)).collect(engine="streaming")
     empty_stage = pl.lit(None, pl.String)
     for f, st in reversed(list(zip(FIELDS, STAGES, strict=True))):  # first empty stage wins
         empty_stage = pl.when(pl.col(f) == "").then(pl.lit(st)).otherwise(empty_stage)

@@ -252,32 +252,38 @@ def _late_rules(df: pl.DataFrame, code: pl.Series, rules: Rules) -> pl.Series:
     if not alive.any() or (rules.max_repeat_fraction is None and rules.template_max_images is None
                            and not df.get_column("hinted").any()):
         return code
-    idx = alive.arg_true()
     sub = df.select(*FIELDS[:4], "hinted", "image_id").filter(alive)
     body = pl.concat_str([pl.col(f) for f in FIELDS[:4]], separator="\n")
-    sub = sub.with_columns(_lower=body.str.to_lowercase())
+    # The text work runs on the streaming engine (all threads) and keeps only small columns.
+    lf = sub.lazy().with_columns(_lower=body.str.to_lowercase())
+    keep = [pl.col("image_id"), pl.col("hinted")]
+    if rules.max_repeat_fraction is not None:
+        lf = lf.with_columns(_sent=sentences_expr(pl.col("_lower")))
+        n = pl.col("_sent").list.len()
+        keep.append(((n >= rules.min_sentences_for_repeat)
+                     & ((n - pl.col("_sent").list.n_unique()) > rules.max_repeat_fraction * n)).alias("_rep"))
+    if rules.template_max_images is not None:
+        keep.append(pl.col("_lower").hash(seed=0).alias("_body"))
+    small = lf.select(keep).collect(engine="streaming")
+
     late: list[tuple[pl.Expr, str]] = []
     if rules.max_repeat_fraction is not None:
-        sub = sub.with_columns(_sent=sentences_expr(pl.col("_lower")))
-        n = pl.col("_sent").list.len()
-        late.append(((n >= rules.min_sentences_for_repeat)
-                     & ((n - pl.col("_sent").list.n_unique()) > rules.max_repeat_fraction * n), "repetition"))
-    hinted = sub.get_column("hinted")
+        late.append((pl.col("_rep"), "repetition"))
+    hinted = small.get_column("hinted")
     if hinted.any():  # the hint pattern runs on the original body, only for the hinted rows
         leak = sub.filter(hinted).select(body.str.contains(_HINT_PATTERN)).to_series()
-        sub = sub.with_columns(_leak=pl.repeat(False, sub.height, eager=True).scatter(hinted.arg_true(), leak))
+        small = small.with_columns(_leak=pl.repeat(False, small.height, eager=True).scatter(hinted.arg_true(), leak))
         late.append((pl.col("_leak"), "hint_leak"))
-    sub = sub.with_columns(_late=_first_reason(late, pl.lit(None, pl.String)))
+    small = small.with_columns(_late=_first_reason(late, pl.lit(None, pl.String)))
     if rules.template_max_images is not None:
         # Template collapse: one body (case-folded) accepted for many images is a copied template.
         ok = pl.col("_late").is_null()
-        sub = sub.with_columns(_body=pl.when(ok).then(pl.col("_lower").hash(seed=0)))
-        n_img = pl.col("image_id").filter(ok).n_unique().over("_body")
-        sub = sub.with_columns(
+        n_img = pl.col("image_id").filter(ok).n_unique().over(pl.when(ok).then(pl.col("_body")))
+        small = small.with_columns(
             _late=pl.when(ok & (n_img > rules.template_max_images)).then(pl.lit("template_collapse"))
             .otherwise(pl.col("_late"))
         )
-    return code.scatter(idx, sub.get_column("_late"))
+    return code.scatter(alive.arg_true(), small.get_column("_late"))
 
 
 def select_chains(evaluated: pl.DataFrame, policy: str = "first") -> pl.DataFrame:
