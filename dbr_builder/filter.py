@@ -331,7 +331,9 @@ def kept_table(evaluated: pl.DataFrame, manifest: pl.DataFrame, policy: str) -> 
     """The chains table: manifest columns + chain columns, manifest row order."""
     import polars as pl
 
-    sel = select_chains(evaluated, policy).select(
+    # Only the columns the selection and the table need: the sort then moves less data.
+    need = ["_row", "reason", "text", *FIELDS, "hinted", "model", "prompt_id", "sample_index", "request_key", "tokens"]
+    sel = select_chains(evaluated.select(need), policy).select(
         "_row", pl.col("text").alias("chain"), *FIELDS, "hinted", pl.col("model").alias("teacher"),
         "prompt_id", "sample_index", "request_key",
     )
@@ -346,6 +348,7 @@ def rejects_table(evaluated: pl.DataFrame, manifest: pl.DataFrame) -> pl.DataFra
     paths = manifest.with_row_index("_row").select("_row", "path")
     return (
         evaluated.filter(pl.col("reason").is_not_null())
+        .select("_row", *(c for c in REJECT_COLUMNS if c != "path"))
         .join(paths, on="_row", how="left", maintain_order="left")
         .select(REJECT_COLUMNS)
         .sort(["image_id", "path", "prompt_name", "sample_index", "request_key"], nulls_last=True)

@@ -29,13 +29,23 @@ def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in df.iter_rows(named=True)]
 
 
-def coverage_table(manifest: pl.DataFrame, kept: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """Images, covered images (any chain), hinted ones and coverage per group of ``by``."""
-    import polars as pl
-
+def _coverage_join(manifest: pl.DataFrame, kept: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Manifest rows (columns ``by``) with the ``hinted`` flag of their kept chain (null: uncovered)."""
     m = manifest.with_row_index("_row").select("_row", "image_id", "path", *by)
     k = kept.select("image_id", "path", "hinted")
-    j = m.join(k, on=["image_id", "path"], how="left")
+    return m.join(k, on=["image_id", "path"], how="left")
+
+
+def coverage_table(manifest: pl.DataFrame, kept: pl.DataFrame, by: list[str],
+                   joined: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Images, covered images (any chain), hinted ones and coverage per group of ``by``.
+
+    ``joined``: a precomputed ``_coverage_join`` holding the ``by`` columns (saves the join
+    when several tables are made).
+    """
+    import polars as pl
+
+    j = joined if joined is not None else _coverage_join(manifest, kept, by)
     grp = j.group_by(by) if by else j.group_by(pl.lit("all").alias("_all"))
     out = grp.agg(
         images=pl.len(),
@@ -71,6 +81,7 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
 
     # Teacher zero-shot accuracy: the first unhinted candidate of each manifest row.
     first = (ev.filter((pl.col("prompt_name") != "rationalize") & pl.col("_row").is_not_null())
+             .select("_row", "sample_index", "request_key", "domain", "pred", "class_name")
              .sort("_row", "sample_index", "request_key").unique(subset="_row", keep="first", maintain_order=True))
     zs = (first.group_by("domain").agg(images=pl.len(), correct=(pl.col("pred") == pl.col("class_name"))
                                        .fill_null(False).sum())
@@ -97,7 +108,9 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
         .group_by("model", "prompt_name", "prompt_id", "params").agg(candidates=pl.len())
         .sort("model", "prompt_name", "prompt_id", "params")
     )
-    overall = coverage_table(manifest, kept, []).row(0, named=True) if manifest.height else {
+    by_cols = [c for c in ("domain", "class_name", "split") if c in manifest.columns]
+    joined = _coverage_join(manifest, kept, by_cols)
+    overall = coverage_table(manifest, kept, [], joined).row(0, named=True) if manifest.height else {
         "images": 0, "covered": 0, "hinted": 0, "coverage": None, "coverage_unhinted": None}
     return {
         "candidates": {"total": total, "accepted": accepted, "acceptance": _rate(accepted, total),
@@ -109,9 +122,9 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
         "reasons_by_domain": _records(reason_by_domain),
         "coverage": {
             "overall": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in overall.items()},
-            "by_domain": _records(coverage_table(manifest, kept, ["domain"])),
-            "by_class": _records(coverage_table(manifest, kept, ["class_name"])),
-            "by_split": _records(coverage_table(manifest, kept, ["split"])),
+            "by_domain": _records(coverage_table(manifest, kept, ["domain"], joined)),
+            "by_class": _records(coverage_table(manifest, kept, ["class_name"], joined)),
+            "by_split": _records(coverage_table(manifest, kept, ["split"], joined)),
         },
         "teacher_zero_shot": {"overall": zs_all, "by_domain": _records(zs)},
         "chain_tokens": lengths,
