@@ -6,13 +6,15 @@ Builds a synthetic OfficeHome-like manifest (250k images, 65 classes, 4 domains)
 candidates per image of realistic length (~110 words) with the failure modes the filter
 meets (wrong label, missing stage, truncation, synonyms, ambiguous conclusions), then times
 ``evaluate_candidates`` + selection + ``compute_stats`` (no file writing, no charts).
-Prints the median wall time.
+Prints the median wall time and the machine's load average (the project CPU is shared, so
+a number means little without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import statistics
 import time
@@ -95,7 +97,8 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         print(f"  filter+stats {times[-1]:.2f} s (evaluate {t_eval:.2f} s): kept {kept.height}, "
               f"rejected {rejects.height}, acceptance {stats['candidates']['acceptance']}")
-    print(f"median filter+stats over {args.candidates} candidates: {statistics.median(times):.2f} s")
+    print(f"median filter+stats over {args.candidates} candidates: {statistics.median(times):.2f} s "
+          f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
