@@ -17,7 +17,8 @@ Reason codes (``ParsedChain.reason``), checked in this order:
 ``empty_stage``      a stage has only whitespace inside
 
 The structure is decided from the sequence of tags alone, so :func:`parse_chains_frame`
-(polars, vectorised: one regex pass per text, one Python call per *distinct* tag sequence)
+(polars, vectorised: literal searches and byte slices for chains with exactly the canonical
+tags, otherwise one regex pass per text and one Python call per *distinct* tag sequence)
 gives exactly the same answer as :func:`parse_chain` (tested).
 """
 
