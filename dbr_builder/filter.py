@@ -431,6 +431,10 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     write_parquet_atomic(kept, chains_path(workdir, dataset))
     write_parquet_atomic(rejects, rejects_path(workdir, dataset))
     report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
+    from dbr_builder.stats import summary_table
+
+    print(f"{dataset}: filter report -> {Path(workdir) / 'reports' / dataset / 'stats.md'}")
+    print(summary_table(report))
     return {"images": manifest.height, "kept": kept.height, "rejected": rejects.height,
             "hinted": int(kept.get_column("hinted").sum()), "rationalized": sent,
             "coverage": report["coverage"]["overall"]["coverage"]}
