@@ -48,7 +48,7 @@ train: $(VENV)/.installed  ## fine-tune students with MTCT + SARR (paper recipe,
 eval: $(VENV)/.installed  ## evaluate the students trained by `make train`
 	$(BIN)/dbr eval --config pipelines/eval.yaml --workdir $(WORKDIR)
 
-bench: $(VENV)/.installed  ## CPU benchmarks; results go to docs/PERFORMANCE.md
+bench: $(VENV)/.installed  ## CPU benchmarks (numbers printed; recorded in docs/PERFORMANCE.md)
 	@for b in bench/bench_*.py; do case $$b in *_gpu.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: $(VENV)/.installed  ## ruff

@@ -101,7 +101,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     for i, st in enumerate(cfg["stages"]):
         schema = stage_schema(st["stage"])
         if schema is not None:
-            validate(st, schema, str(path), ["stages", i])
+            # `name` is the pipeline's own key (checked by the top-level schema), not a stage option
+            validate({k: v for k, v in st.items() if k != "name"}, schema, str(path), ["stages", i])
     names = [st.get("name", st["stage"]) for st in cfg["stages"]]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -206,7 +206,8 @@ def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_see
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     meta = index_dataset(cfg["root"], cfg["dataset"], workdir, int(cfg.get("trial_seed", 0)),
-                         float(cfg.get("holdout_fraction", 0.2)), int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)))
+                         float(cfg.get("holdout_fraction", 0.2)), int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                         cfg.get("workers"))
     return {"images": meta["images"], "quarantined": meta["quarantined"]}
 
 

@@ -74,3 +74,11 @@ def test_stage_config_from_pipeline_or_mapping(tmp_path: Path) -> None:
     q.write_text("per_class: 0\n")
     with pytest.raises(ConfigError, match="per_class"):
         load_stage_config(q, "synth")
+
+
+def test_named_stages_validate_against_stage_schema(tmp_path: Path) -> None:
+    p = _write(tmp_path, "datasets: [SynthShapes]\nstages:\n  - {stage: synth, name: s1}\n  - {stage: index, name: idx}\n")
+    assert [st["name"] for st in load_pipeline(p)["stages"]] == ["s1", "idx"]
+    p = _write(tmp_path, "stages:\n  - {stage: synth, name: s1, per_clas: 2}\n")
+    with pytest.raises(ConfigError, match="per_clas"):
+        load_pipeline(p)

@@ -407,7 +407,8 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="train config (pipelines/train_mtct_sarr.yaml, or a pipeline with a train stage)")
-    p.add_argument("--workdir", "-w", default="work", help="work directory W (default: work)")
+    p.add_argument("--workdir", "-w", default=None,
+                   help="work directory W (default: the config's `workdir`, else work)")
     p.add_argument("--dataset", help="dataset (config) to train on; default: the config's datasets")
     p.add_argument("--heldout", help="held-out domain; default: every domain in turn (LODO)")
     p.add_argument("--trial-seed", type=int, help="trial seed (run folder seed<k>); default: config's trial_seeds")
@@ -430,6 +431,6 @@ def main(args: argparse.Namespace) -> int:
             cfg[key] = val
     if args.trial_seed is not None:
         cfg["trial_seeds"] = [args.trial_seed]
-    summary = run(cfg, Path(args.workdir))
+    summary = run(cfg, Path(args.workdir or cfg.get("workdir") or "work"))
     print(json.dumps(summary, indent=2))
     return 0
