@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from dbr_builder import __version__
@@ -12,6 +13,24 @@ from dbr_builder.stages import HELP, STAGES, StageNotBuilt, load_stage
 
 class UserError(Exception):
     """An error caused by the user's input; printed without a traceback (exit 1)."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error: the path, what went wrong and what to check."""
+    if not e.filename or not e.strerror:
+        return str(e)  # a stage's own message (e.g. "no manifest ...; run `dbr index` first")
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    hint = {
+        errno.EACCES: "check the permissions or choose another folder",
+        errno.EPERM: "check the permissions or choose another folder",
+        errno.EROFS: "the file system is read-only; choose another folder",
+        errno.ENOTDIR: "a part of this path is a file, not a folder; choose another path",
+        errno.EEXIST: "a file is in the way of a folder; choose another path or move the file",
+        errno.EISDIR: "this is a folder; give a file",
+        errno.ENOSPC: "the disk is full; free space and rerun (finished work is kept)",
+        errno.ENOENT: "check the path",
+    }.get(e.errno or 0, "check the path")
+    return f"{where}: {e.strerror}; {hint}"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
@@ -57,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except StageNotBuilt as e:
         print(f"dbr {args.verb}: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    except (ConfigError, UserError) as e:
         print(f"dbr {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # Unwritable / missing / wrong-kind paths (a file where a folder is needed, a read-only
+        # disk, a full disk): the OS names the path; no traceback from deep inside pathlib.
+        print(f"dbr {args.verb}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"dbr {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)

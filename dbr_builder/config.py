@@ -87,10 +87,17 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder; give a YAML config file")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({e.reason} at byte {e.start}); give a YAML config file") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        # PyYAML calls the source "<unicode string>"; name the file instead.
+        raise ConfigError(f"{p}: not valid YAML: {str(e).replace('<unicode string>', str(p))}") from None
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:

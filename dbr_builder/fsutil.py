@@ -87,3 +87,19 @@ def tree_fingerprint(paths: list[Path]) -> str:
                     st = fp.stat()
                     items.append([str(fp), st.st_size, st.st_mtime_ns])
     return stable_hash(items)
+
+
+def read_parquet(path: str | os.PathLike[str], remedy: str) -> Any:
+    """``polars.read_parquet`` with a clear error naming ``path`` if it is truncated or not parquet.
+
+    ``remedy`` says how to rebuild the file (e.g. "rerun `dbr index PACS ...`").
+    """
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path)
+    except pl.exceptions.PolarsError as e:
+        from dbr_builder.cli import UserError
+
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: unreadable parquet file ({reason}); {remedy}") from None

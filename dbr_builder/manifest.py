@@ -60,14 +60,22 @@ def manifest_paths(workdir: str | Path, dataset: str) -> tuple[Path, Path, Path]
 
 def load_manifest(workdir: str | Path, dataset: str):
     """Load ``W/manifest/<dataset>.parquet`` and its meta; clear error if ``dbr index`` has not run."""
-    import polars as pl
+    from dbr_builder.fsutil import read_parquet
 
     parquet, meta_path, _ = manifest_paths(workdir, dataset)
     if not parquet.exists() or not meta_path.exists():
         raise FileNotFoundError(
             f"{parquet}: no manifest for {dataset}; run `dbr index {dataset} --root ROOT --workdir {workdir}` first"
         )
-    return pl.read_parquet(parquet), json.loads(meta_path.read_text(encoding="utf-8"))
+    remedy = f"rebuild it with `dbr index {dataset} --root ROOT --workdir {workdir}`"
+    df = read_parquet(parquet, remedy)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        from dbr_builder.cli import UserError
+
+        raise UserError(f"{meta_path}: corrupt manifest metadata ({e}); {remedy}") from None
+    return df, meta
 
 
 def image_path(meta: dict[str, Any], rel_path: str) -> Path:

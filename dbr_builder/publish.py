@@ -138,11 +138,10 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
             max_shard_mb: float = DEFAULT_MAX_SHARD_MB, progress: bool = True,
             card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (default ``W/hub``) for ``datasets``; return ``{dataset: [split info]}``."""
-    import polars as pl
 
     from dbr_builder.card import render_card
     from dbr_builder.filter import chains_path
-    from dbr_builder.fsutil import write_text_atomic
+    from dbr_builder.fsutil import read_parquet, write_text_atomic
     from dbr_builder.manifest import load_manifest
     from dbr_builder.stats import load_stats
 
@@ -157,7 +156,7 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
             raise FileNotFoundError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
         _, meta = load_manifest(workdir, ds)
         meta = {**meta, "dataset": ds}
-        chains = pl.read_parquet(cp)
+        chains = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
         data = hub / "data"
         data.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ds}.", dir=data))

@@ -129,6 +129,15 @@ def store_files(workdir: str | os.PathLike[str], dataset: str) -> list[Path]:
     return sorted(d.glob("results*.sqlite")) if d.is_dir() else []
 
 
+def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Exception:
+    """The user-facing error for a store file that is not a readable SQLite store."""
+    from dbr_builder.cli import UserError
+
+    remedy = remedy or (f"move it away (e.g. `mv {path} {path}.bad`) and rerun `dbr generate`, "
+                        "which regenerates what it held")
+    return UserError(f"{path}: not a usable generation store ({e}); {remedy}")
+
+
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
@@ -156,9 +165,7 @@ class Store:
         try:
             self.con = _connect(self.path)
         except sqlite3.DatabaseError as e:
-            raise sqlite3.DatabaseError(
-                f"{self.path}: not a usable generation store ({e}); move it away and rerun"
-            ) from e
+            raise _unusable(self.path, e) from None
 
     def __enter__(self) -> Store:
         return self
@@ -208,6 +215,8 @@ def done_keys(workdir: str | os.PathLike[str], dataset: str) -> set[str]:
         con = _connect(f, readonly=True)
         try:
             keys.update(k for (k,) in con.execute("SELECT request_key FROM results WHERE error IS NULL"))
+        except sqlite3.DatabaseError as e:
+            raise _unusable(f, e) from None
         finally:
             con.close()
     return keys
@@ -223,6 +232,8 @@ def _rows(files: Iterable[Path]) -> list[tuple]:
                 old = best.get(row[0])
                 if old is None or (old[10] is not None and row[10] is None):
                     best[row[0]] = row
+        except sqlite3.DatabaseError as e:
+            raise _unusable(f, e) from None
         finally:
             con.close()
     return list(best.values())
@@ -265,7 +276,11 @@ def merge(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]
                 continue
             if not src.exists():
                 raise FileNotFoundError(f"{src}: store file to merge not found")
-            st.con.execute("ATTACH DATABASE ? AS src", (f"file:{src}?mode=ro",))
+            try:
+                st.con.execute("ATTACH DATABASE ? AS src", (f"file:{src}?mode=ro",))
+                st.con.execute("SELECT COUNT(*) FROM src.results").fetchone()  # fail before BEGIN
+            except sqlite3.DatabaseError as e:
+                raise _unusable(src, e, "copy it again from the node that wrote it, or leave it out") from None
             try:
                 before = st.con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
                 st.con.execute("BEGIN IMMEDIATE")

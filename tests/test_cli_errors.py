@@ -1,0 +1,139 @@
+"""Bad input to every `dbr` verb: one clear message naming the file or field, exit 1, no traceback.
+
+Most tests call ``dbr_builder.cli.main([...])`` in-process (fast) and read stderr; a few use a
+subprocess where the real process boundary matters (Ctrl-C). Each asserts the message names the
+offending file / field and that no Python traceback reached the user.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dbr_builder.cli import main
+
+
+def _err(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 1) -> str:
+    """Run ``dbr argv``; assert the exit code and no traceback; return stderr."""
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == code, (rc, out.out[-2000:], out.err[-2000:])
+    assert "Traceback" not in out.err and "Traceback" not in out.out
+    return out.err
+
+
+# --- paths that are not usable folders -------------------------------------------------------
+
+
+def test_output_path_blocked_by_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder\n")
+    err = _err(capsys, ["synth", "--root", str(blocker), "--per-class", "1"])
+    assert str(blocker) in err and "file is in the way" in err
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_workdir_below_a_file(synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    err = _err(capsys, ["index", "SynthShapes", "--root", str(synth_root), "--workdir", str(blocker)])
+    assert str(blocker / "manifest") in err and "is a file, not a folder" in err
+
+
+def test_config_that_is_a_folder_or_binary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["run", str(tmp_path)])
+    assert str(tmp_path) in err and "is a folder" in err
+    binary = tmp_path / "p.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    err = _err(capsys, ["run", str(binary)])
+    assert str(binary) in err and "UTF-8" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stages: [unclosed\n")
+    err = _err(capsys, ["run", str(broken)])
+    assert "not valid YAML" in err and f'"{broken}", line 1' in err and "<unicode string>" not in err
+
+
+# --- a small finished workdir (synth -> index -> generate -> filter -> publish) ---------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir through `publish` on SynthShapes (4 images per class) with the oracle teacher."""
+    import contextlib
+    import io
+
+    w = tmp_path_factory.mktemp("w")
+    steps = [
+        ["synth", "--root", str(w / "raw"), "--per-class", "4", "--image-size", "48"],
+        ["index", "SynthShapes", "--root", str(w / "raw"), "--workdir", str(w), "--workers", "1"],
+        ["generate", "SynthShapes", "--workdir", str(w), "--teacher", "oracle", "--n", "2", "--no-progress"],
+        ["filter", "SynthShapes", "--workdir", str(w)],
+        ["publish", "--workdir", str(w)],
+    ]
+    for argv in steps:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(argv) == 0, argv
+    return w
+
+
+@pytest.fixture
+def work(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the built workdir (tests may break it)."""
+    w = tmp_path / "w"
+    shutil.copytree(built, w, symlinks=True)
+    return w
+
+
+def test_truncated_manifest(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = work / "manifest" / "SynthShapes.parquet"
+    with open(manifest, "r+b") as f:
+        f.truncate(100)
+    for argv in (["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle"],
+                 ["filter", "SynthShapes", "-w", str(work)],
+                 ["publish", "-w", str(work)]):
+        err = _err(capsys, argv)
+        assert f"{manifest}: unreadable parquet file" in err and "dbr index SynthShapes" in err
+
+
+def test_corrupt_manifest_metadata(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    meta = work / "manifest" / "SynthShapes.json"
+    meta.write_text("{garbage")
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle"])
+    assert f"{meta}: corrupt manifest metadata" in err and "dbr index SynthShapes" in err
+
+
+def test_truncated_chains(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chains = work / "chains" / "SynthShapes.parquet"
+    with open(chains, "r+b") as f:
+        f.truncate(200)
+    hub_before = sorted(p.name for p in (work / "hub" / "data" / "SynthShapes").iterdir())
+    err = _err(capsys, ["publish", "-w", str(work)])
+    assert f"{chains}: unreadable parquet file" in err and "dbr filter SynthShapes" in err
+    assert sorted(p.name for p in (work / "hub" / "data" / "SynthShapes").iterdir()) == hub_before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_corrupt_generation_store(work: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = work / "generations" / "SynthShapes" / "results.sqlite"
+    for side in store.parent.glob("results.sqlite-*"):
+        side.unlink()
+    if damage == "garbage":
+        store.write_bytes(b"this is not a database\n" * 10)
+    else:
+        with open(store, "r+b") as f:
+            f.truncate(8192)
+    for argv in (["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle"],
+                 ["filter", "SynthShapes", "-w", str(work)],
+                 ["generate", "SynthShapes", "-w", str(work), "--merge"]):
+        err = _err(capsys, argv)
+        assert f"{store}: not a usable generation store" in err and "move it away" in err
+
+
+def test_merge_from_a_file_that_is_not_a_store(work: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "results-00001-of-00002.sqlite"
+    junk.write_text("not sqlite")
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--merge", "--merge-from", str(junk)])
+    assert f"{junk}: not a usable generation store" in err
