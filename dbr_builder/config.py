@@ -76,6 +76,34 @@ def validate(obj: Any, schema: dict[str, Any], source: str, prefix: list[Any] | 
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
 
 
+def validate_options(opts: dict[str, Any], stage: str, source: str, flags: dict[str, str] | None = None) -> None:
+    """Check a stage's options built from the command line against its schema (before any work).
+
+    Only the keys present are checked (None = not given; ``required`` is not enforced, the
+    stage reports missing essentials itself). ``flags`` maps option keys to the command-line
+    flag that set them, so the message names what the user typed (``--max-new-tokens``).
+    """
+    import jsonschema
+
+    schema = stage_schema(stage)
+    if schema is None:
+        return
+    props = schema.get("properties", {})
+    obj = {k: v for k, v in opts.items() if v is not None and k in props}
+    schema = {k: v for k, v in schema.items() if k != "required"}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = []
+        for e in errors[:20]:
+            path = list(e.absolute_path)
+            where = format_path(path)
+            if path and flags and path[0] in flags:
+                where = flags[path[0]] + where[len(str(path[0])):]
+            lines.append(f"  {where}: {e.message}")
+        raise ConfigError(f"{source}: invalid option(s)\n" + "\n".join(lines))
+
+
 def stage_schema(stage: str) -> dict[str, Any] | None:
     """The JSON Schema for one stage's options, or None if the stage has none yet."""
     path = data_dir("schemas") / "stages" / f"{stage}.schema.json"

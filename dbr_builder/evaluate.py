@@ -131,6 +131,8 @@ def _student_spec(base_model: str, kind: str) -> str:
 
 def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]]) -> list[Job]:
     """Expand the eval config into jobs; ``domains`` maps each dataset to its sorted domains."""
+    from dbr_builder.backends import redact_spec
+
     jobs: list[Job] = []
     datasets = list(domains)
     heldouts = cfg.get("heldout_domains")
@@ -175,7 +177,7 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
                 for mode in modes:
                     for k in (shots if mode == "icl" else [0]):
                         for s in mseeds:
-                            jobs.append(Job(m.get("name") or m["spec"], m["spec"], adapter, mode, k, ds, dom, s,
+                            jobs.append(Job(m.get("name") or redact_spec(m["spec"]), m["spec"], adapter, mode, k, ds, dom, s,
                                             _options_json(m.get("options"))))
     return jobs
 
@@ -421,7 +423,7 @@ def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
 
 def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
-    from dbr_builder.backends import BackendError, make_backend
+    from dbr_builder.backends import BackendError, make_backend, redact_spec
     from dbr_builder.fsutil import write_json_atomic
     from dbr_builder.results import load_paper_table, write_reports
 
@@ -464,7 +466,7 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
                 try:
                     holder["b"] = make_backend(spec, **opts)
                 except BackendError as e:
-                    raise ConfigError(f"eval: model {spec!r}: {e}") from None
+                    raise ConfigError(f"eval: model {redact_spec(spec)!r}: {e}") from None
             return holder["b"]
 
         for job in group:

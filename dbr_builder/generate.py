@@ -396,6 +396,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from dbr_builder.backends import BackendError
     from dbr_builder.cli import UserError
+    from dbr_builder.config import validate_options
     from dbr_builder.store import merge_dataset
 
     workdir = Path(args.workdir)
@@ -412,6 +413,10 @@ def main(args: argparse.Namespace) -> int:
                "num_shards": args.num_shards, "domains": args.domains, "splits": args.splits, "limit": args.limit,
                "max_pixels": args.max_pixels, "prep_workers": args.prep_workers, "merge": args.merge,
                "progress": not args.no_progress}
+        # Range-check numbers before any work (the pipeline path is checked when its YAML loads);
+        # the teacher spec gets its own, clearer check from the backend factory.
+        flags = {k: "--" + k.replace("_", "-") for k in cfg} | {"teacher_options": "--teacher-option"}
+        validate_options({k: v for k, v in cfg.items() if k != "teacher"}, "generate", "command line", flags)
         s = run(cfg, workdir)
         if args.merge and args.num_shards == 1 and args.merge_from:
             merge_dataset(workdir, args.dataset, args.merge_from)

@@ -137,3 +137,59 @@ def test_merge_from_a_file_that_is_not_a_store(work: Path, tmp_path: Path,
     junk.write_text("not sqlite")
     err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--merge", "--merge-from", str(junk)])
     assert f"{junk}: not a usable generation store" in err
+
+
+# --- generate: options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--num-shards", "0"], "--num-shards"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "2"], "--top-p"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--passes", "0"], "--passes"),
+    (["--limit", "-1"], "--limit"),
+    (["--max-pixels", "-5"], "--max-pixels"),
+])
+def test_generate_rejects_out_of_range_numbers(work: Path, args: list[str], flag: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from dbr_builder.store import read_results
+
+    before = read_results(work, "SynthShapes").height
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle", "--no-progress", *args])
+    assert f"{flag}:" in err
+    assert read_results(work, "SynthShapes").height == before  # nothing generated with the bad value
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("oracle,p_wrong=abc", "p_wrong='abc' must be a number"),
+    ("oracle,seed=1.5", "seed=1.5 must be an integer"),
+    ("oracle,nosuch=1", "unknown option(s) nosuch"),
+    ("oracle,garbage", "inline option 1 is not key=value"),
+    ("bogus:model", "unknown backend 'bogus'"),
+])
+def test_generate_bad_teacher_specs(work: Path, spec: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", spec, "--no-progress"])
+    assert needle in err
+
+
+def test_generate_shard_out_of_range(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle",
+                        "--shard", "2", "--num-shards", "2"])
+    assert "shard 2 of num_shards 2 is out of range" in err
+    assert not list((work / "generations" / "SynthShapes").glob("results-*.sqlite"))
+
+
+@pytest.mark.parametrize("spec", [
+    "openai:gpt-4o,api_key=sk-SEKRET123",
+    "openai:gpt-4o,sk-SEKRET123",
+    "nosuch:m@https://user:sk-SEKRET123@host/v1",
+])
+def test_secrets_typed_into_a_spec_are_not_echoed(work: Path, spec: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ENVKEY456")
+    for verb in (["generate", "SynthShapes", "-w", str(work), "--teacher", spec],
+                 ["eval", "-w", str(work), "--model", spec, "--dataset", "SynthShapes", "--limit", "1"]):
+        err = _err(capsys, verb)
+        assert "SEKRET" not in err and "ENVKEY" not in err and "***" in err

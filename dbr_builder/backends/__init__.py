@@ -15,6 +15,7 @@ Backends never raise for a single bad request: they return a ``Result`` with ``e
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,6 +78,25 @@ def _coerce(value: str) -> Any:
     return value
 
 
+_SECRET_KEY = re.compile(r"(key|token|secret|password)", re.I)
+
+
+def redact_spec(spec: Any) -> str:
+    """``spec`` for messages: values of secret-looking inline options and URL credentials masked.
+
+    Keys belong in the environment (OPENAI_API_KEY, HF_TOKEN); if one is typed into a spec
+    anyway, an error message must not echo it to the terminal or a log.
+    """
+    if not isinstance(spec, str):
+        return str(spec)  # not a spec at all (None, a number): nothing to hide
+    head, *opts = spec.split(",")
+    head = re.sub(r"//[^/@\s]+@", "//***@", head)
+    # A bare value (no key=) may be a pasted key: never echo it either.
+    masked = [o if "=" in o and not _SECRET_KEY.search(o.partition("=")[0]) else
+              (f"{o.partition('=')[0]}=***" if "=" in o else "***") for o in opts]
+    return ",".join([head, *masked])
+
+
 def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     """Split ``kind:target,k=v,...`` into ``(kind, target, inline options)``."""
     if not spec or not isinstance(spec, str):
@@ -86,17 +106,18 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise BackendError(
-            f"teacher spec {spec!r}: unknown backend {kind!r}; use one of "
+            f"teacher spec {redact_spec(spec)!r}: unknown backend {kind!r}; use one of "
             "vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, oracle"
         )
     options: dict[str, Any] = {}
-    for o in opts:
+    for i, o in enumerate(opts, 1):
         k, eq, v = o.partition("=")
         if not eq or not k.strip():
-            raise BackendError(f"teacher spec {spec!r}: option {o!r} is not key=value")
+            raise BackendError(f"teacher spec {redact_spec(spec)!r}: inline option {i} is not key=value "
+                               "(e.g. hf:/models/x,adapter=/runs/a)")
         options[k.strip()] = _coerce(v.strip())
     if kind != "oracle" and not target.strip():
-        raise BackendError(f"teacher spec {spec!r}: give a model after '{kind}:'")
+        raise BackendError(f"teacher spec {redact_spec(spec)!r}: give a model after '{kind}:'")
     return kind, target.strip(), options
 
 
@@ -129,7 +150,7 @@ def check_options(spec: str, cls: type, options: dict[str, Any]) -> None:
     bad = sorted(set(options) - allowed)
     if bad:
         raise BackendError(
-            f"teacher {spec!r}: unknown option(s) {', '.join(bad)}; this backend takes: "
+            f"teacher {redact_spec(spec)!r}: unknown option(s) {', '.join(bad)}; this backend takes: "
             f"{', '.join(sorted(allowed - {'model'}))}"
         )
 

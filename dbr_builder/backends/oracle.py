@@ -38,8 +38,12 @@ class OracleBackend:
                  p_reorder: float = 0.05, p_malformed: float = 0.05):
         rates = {"p_wrong": p_wrong, "p_missing": p_missing, "p_reorder": p_reorder, "p_malformed": p_malformed}
         for k, v in rates.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise BackendError(f"oracle: {k}={v!r} must be a number between 0 and 1")
             if not 0.0 <= float(v) <= 1.0:
                 raise BackendError(f"oracle: {k}={v} must be between 0 and 1")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise BackendError(f"oracle: seed={seed!r} must be an integer")
         if p_missing + p_reorder + p_malformed > 1.0:
             raise BackendError("oracle: p_missing + p_reorder + p_malformed must not exceed 1")
         self.seed = int(seed)
