@@ -99,7 +99,7 @@ def validate_options(opts: dict[str, Any], stage: str, source: str, flags: dict[
             path = list(e.absolute_path)
             where = format_path(path)
             if path and flags and path[0] in flags:
-                where = flags[path[0]] + where[len(str(path[0])):]
+                where = flags[path[0]]  # e.g. trial_seeds[0] was set by --trial-seed
             lines.append(f"  {where}: {e.message}")
         raise ConfigError(f"{source}: invalid option(s)\n" + "\n".join(lines))
 

@@ -193,3 +193,31 @@ def test_secrets_typed_into_a_spec_are_not_echoed(work: Path, spec: str, monkeyp
                  ["eval", "-w", str(work), "--model", spec, "--dataset", "SynthShapes", "--limit", "1"]):
         err = _err(capsys, verb)
         assert "SEKRET" not in err and "ENVKEY" not in err and "***" in err
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--trial-seed", "-1"], "--trial-seed"),
+    (["--max-steps", "-1"], "--max-steps"),
+    (["--run", "a/b"], "--run"),
+])
+def test_train_rejects_bad_overrides_before_work(work: Path, args: list[str], flag: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["train", "-c", "pipelines/demo.yaml", "-w", str(work), *args])
+    assert f"{flag}:" in err
+    assert not (work / "runs").exists() and not (work / "models").exists()
+
+
+def test_train_unknown_heldout_domain_leaves_no_run_folder(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["train", "-c", "pipelines/demo.yaml", "-w", str(work), "--heldout", "nosuch"])
+    assert "'nosuch' not a domain of SynthShapes" in err and "sketch" in err
+    assert not (work / "runs").exists()
+
+
+def test_train_config_with_wrong_types(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("stage: train\nbatch_size: abc\nepochs: -1\n")
+    err = _err(capsys, ["train", "-c", str(cfg), "-w", str(work)])
+    assert str(cfg) in err and "batch_size" in err and "epochs" in err

@@ -398,6 +398,12 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         by_domain = load_published(_data_source(c, workdir), ds)
         held = c["heldout"]
         held = list(by_domain) if held is None else ([held] if isinstance(held, str) else list(held))
+        unknown = [h for h in held if h not in by_domain]
+        if unknown:  # before any run folder is made
+            from dbr_builder.config import ConfigError
+
+            raise ConfigError(f"train.heldout: {', '.join(map(repr, unknown))} not a domain of {ds} "
+                              f"(domains: {', '.join(by_domain)})")
         for h in held:
             for seed in c["trial_seeds"]:
                 sj = train_one(c, workdir, ds, h, int(seed), by_domain)
@@ -421,7 +427,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.config import load_stage_config
+    from dbr_builder.config import load_stage_config, validate_options
 
     cfg = load_stage_config(args.config, STAGE) if args.config else {"stage": STAGE}
     for key, val in (("dataset", args.dataset), ("heldout", args.heldout), ("student", args.student),
@@ -431,6 +437,10 @@ def main(args: argparse.Namespace) -> int:
             cfg[key] = val
     if args.trial_seed is not None:
         cfg["trial_seeds"] = [args.trial_seed]
+    # The config file was checked when loaded; check the command-line overrides the same way.
+    validate_options(cfg, STAGE, "command line", {
+        "dataset": "--dataset", "heldout": "--heldout", "student": "--student", "data": "--data", "run": "--run",
+        "max_steps": "--max-steps", "resume": "--resume", "trial_seeds": "--trial-seed"})
     summary = run(cfg, Path(args.workdir or cfg.get("workdir") or "work"))
     print(json.dumps(summary, indent=2))
     return 0
