@@ -48,6 +48,14 @@ def get_token() -> str:
     return token
 
 
+def check_push(repo_id: str, dry_run: bool = False) -> None:
+    """Fail early on a malformed repo id, or (unless ``dry_run``) a missing ``HF_TOKEN``."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise HubError(f"--push {repo_id!r}: expected a dataset repo id like `user/domainbed-reasoning`")
+    if not dry_run:
+        get_token()
+
+
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
                 revision: str | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Upload ``folder`` to the dataset repo ``repo_id``; with ``dry_run`` only list the files.
@@ -57,8 +65,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, dry_run
     folder = Path(folder)
     if not (folder / "README.md").exists():
         raise HubError(f"{folder}: no README.md dataset card; run `dbr publish` before pushing")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise HubError(f"--push {repo_id!r}: expected a dataset repo id like `user/domainbed-reasoning`")
+    check_push(repo_id, dry_run=True)
     files = files_to_upload(folder)
     total = sum(s for _, s in files)
     summary: dict[str, Any] = {"repo_id": repo_id, "files": len(files), "bytes": total, "dry_run": dry_run,

@@ -235,7 +235,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dbr_builder.cli import UserError
+    from dbr_builder.config import validate_options
 
+    opts = {"trial_seed": args.trial_seed, "holdout_fraction": args.holdout_fraction, "max_pixels": args.max_pixels,
+            "workers": args.workers}
+    validate_options(opts, "index", "command line", {k: "--" + k.replace("_", "-") for k in opts})
     try:
         meta = index_dataset(args.root, args.dataset, args.workdir, args.trial_seed, args.holdout_fraction,
                              args.max_pixels, args.workers)

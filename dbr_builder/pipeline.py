@@ -78,6 +78,9 @@ def _select(units: list[Unit], start: str | None, until: str | None) -> list[boo
 
     lo = index_of(start, False) if start else 0
     hi = index_of(until, True) if until else len(units) - 1
+    if lo > hi:
+        raise ConfigError(f"--from {start} comes after --until {until} in this pipeline: nothing would run "
+                          f"(order: {', '.join(dict.fromkeys(u.name for u in units))})")
     return [lo <= i <= hi for i in range(len(units))]
 
 

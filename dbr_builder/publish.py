@@ -222,11 +222,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dbr_builder.cli import UserError
-    from dbr_builder.hub import push_folder
+    from dbr_builder.config import validate_options
+    from dbr_builder.hub import check_push, push_folder
 
     wd = Path(args.workdir)
     cfg: dict[str, Any] = {"out": args.out, "max_shard_mb": args.max_shard_mb, "pretty_name": args.pretty_name,
                            "push": args.push}
+    # Everything that can be checked is checked before W/hub is rewritten.
+    validate_options({k: v for k, v in cfg.items() if k != "push"},  # check_push words --push errors better
+                     "publish", "command line", {"max_shard_mb": "--max-shard-mb", "out": "--out"})
+    if args.push:
+        check_push(args.push, dry_run=args.dry_run)
+    elif args.dry_run or args.private:
+        raise UserError("--dry-run and --private only apply with --push REPO_ID")
     hub = hub_dir(cfg, wd)
     if not args.no_write:
         datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (wd / "chains").glob("*.parquet")
@@ -244,8 +252,6 @@ def main(args: argparse.Namespace) -> int:
               f"split={infos[datasets[0]]['splits'][0]['split']!r}))")
     if args.push:
         push_folder(hub, args.push, private=args.private, dry_run=args.dry_run)
-    elif args.dry_run or args.private:
-        raise UserError("--dry-run and --private only apply with --push REPO_ID")
     return 0
 
 

@@ -221,3 +221,44 @@ def test_train_config_with_wrong_types(work: Path, tmp_path: Path, capsys: pytes
     cfg.write_text("stage: train\nbatch_size: abc\nepochs: -1\n")
     err = _err(capsys, ["train", "-c", str(cfg), "-w", str(work)])
     assert str(cfg) in err and "batch_size" in err and "epochs" in err
+
+
+# --- index, publish, run ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--max-pixels", "-1"], "--max-pixels"),
+    (["--workers", "0"], "--workers"),
+    (["--holdout-fraction", "1.5"], "--holdout-fraction"),
+    (["--trial-seed", "-1"], "--trial-seed"),
+])
+def test_index_rejects_bad_numbers(synth_root: Path, tmp_path: Path, args: list[str], flag: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["index", "SynthShapes", "--root", str(synth_root), "-w", str(tmp_path / "w"), *args])
+    assert f"{flag}:" in err
+    assert not (tmp_path / "w").exists()
+
+
+def _hub_state(work: Path) -> dict[str, int]:
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in (work / "hub").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--max-shard-mb", "0"], "--max-shard-mb:"),
+    (["--push", "not a repo id", "--dry-run"], "--push 'not a repo id': expected a dataset repo id"),
+    (["--push", "user/repo"], "HF_TOKEN is not set"),
+    (["--dry-run"], "only apply with --push"),
+])
+def test_publish_checks_before_rewriting_hub(work: Path, args: list[str], needle: str,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    before = _hub_state(work)
+    err = _err(capsys, ["publish", "-w", str(work), *args])
+    assert needle in err
+    assert _hub_state(work) == before  # W/hub untouched
+
+
+def test_run_from_after_until(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["run", "pipelines/demo.yaml", "-w", str(work), "--from", "publish", "--until", "synth"])
+    assert "--from publish comes after --until synth" in err
