@@ -383,6 +383,13 @@ def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: li
     teacher = rcfg.get("teacher") or cfg.get("teacher")
     if not teacher:
         raise ConfigError(f"filter ({dataset}): rationalize.enabled needs rationalize.teacher (a backend SPEC)")
+    if isinstance(teacher, str):  # a typo in the spec fails now, not only on a run that needs the teacher
+        from dbr_builder.backends import BackendError, parse_spec
+
+        try:
+            parse_spec(teacher)
+        except BackendError as e:
+            raise ConfigError(f"filter ({dataset}): rationalize.teacher: {e}") from None
     if not image_ids:
         return 0
     from dbr_builder.generate import generate_for_images

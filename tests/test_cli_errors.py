@@ -262,3 +262,49 @@ def test_publish_checks_before_rewriting_hub(work: Path, args: list[str], needle
 def test_run_from_after_until(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _err(capsys, ["run", "pipelines/demo.yaml", "-w", str(work), "--from", "publish", "--until", "synth"])
     assert "--from publish comes after --until synth" in err
+
+
+def test_filter_bad_rationalize_spec_fails_before_writing(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chains = work / "chains" / "SynthShapes.parquet"
+    before = chains.stat().st_mtime_ns
+    err = _err(capsys, ["filter", "SynthShapes", "-w", str(work), "--rationalize", "bogus"])
+    assert "rationalize.teacher" in err and "unknown backend 'bogus'" in err
+    assert chains.stat().st_mtime_ns == before
+
+
+# --- Ctrl-C in the middle of generate, then resume -------------------------------------------
+
+
+def test_sigint_during_generate_then_rerun_resumes(work: Path) -> None:
+    """A real process and a real SIGINT; the teacher is a slow loopback OpenAI-compatible server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dbr_builder.store import read_results
+    from tests.openai_replay_server import ReplayServer
+
+    store = work / "generations" / "SynthShapes" / "results.sqlite"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-SEKRET"}
+    with ReplayServer(delay_s=0.05) as srv:
+        argv = [sys.executable, "-m", "dbr_builder", "generate", "SynthShapes", "-w", str(work), "--n", "1",
+                "--teacher", f"openai:gpt-4o@{srv.base_url},concurrency=1", "--batch-size", "1",
+                "--limit", "24", "--no-progress"]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 60
+        while len(srv.log) < 5 and time.monotonic() < deadline:  # a few requests answered: mid-run
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (out, err)
+        assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+        assert "SEKRET" not in out + err
+        rows = read_results(work, "SynthShapes")
+        n_first = rows.filter(rows["model"] == "gpt-4o").height
+        assert 0 < n_first < 24  # stopped mid-run, finished requests kept
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{n_first} candidates already stored" in r.stdout
+    assert store.exists()
