@@ -308,3 +308,15 @@ def test_sigint_during_generate_then_rerun_resumes(work: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"{n_first} candidates already stored" in r.stdout
     assert store.exists()
+
+
+# --- model paths that do not exist ------------------------------------------------------------
+
+
+def test_missing_model_folders(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-model"
+    err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", f"hf:{missing}"])
+    assert f"model folder '{missing}' not found" in err
+    err = _err(capsys, ["train", "-c", "pipelines/demo.yaml", "-w", str(work), "--student", str(missing)])
+    assert f"student '{missing}': no such model folder" in err
+    assert not (work / "runs").exists()

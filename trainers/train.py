@@ -99,6 +99,15 @@ def resolve_student(spec: str, workdir: Path) -> str:
     return spec
 
 
+def check_student(spec: str) -> None:
+    """Fail before any run folder is made when ``student`` is a path that does not exist."""
+    if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
+        from dbr_builder.cli import UserError
+
+        raise UserError(f"student {spec!r}: no such model folder; set `student:` / --student to a local folder, "
+                        "a Hub id or `tiny`")
+
+
 def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
     """Processor + model (LoRA-wrapped unless ``finetune: full``) on ``device``."""
     import torch
@@ -393,6 +402,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
+    check_student(c["student"])
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)

@@ -38,6 +38,9 @@ class HFBackend:
                  batch_size: int = 8, max_pixels: int | None = None, min_pixels: int | None = None,
                  attn_implementation: str | None = None, trust_remote_code: bool = False,
                  merge_adapter: bool = False, local_files_only: bool | None = None, fixed_length: bool = False):
+        if model.startswith(("/", "./", "../", "~")) and not Path(model).is_dir():
+            # Hub ids never look like this; say "no such folder" (before slow imports), not "bad repo id".
+            raise BackendError(f"hf backend: model folder {model!r} not found; give an existing folder or a Hub id")
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -53,7 +56,7 @@ class HFBackend:
             if attn_implementation:
                 kw["attn_implementation"] = attn_implementation
             net = AutoModelForImageTextToText.from_pretrained(model, **kw)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a folder that holds no (known) model
             raise BackendError(f"hf backend: cannot load model {model!r}: {e}") from None
         if adapter:
             if not (Path(adapter) / "adapter_config.json").exists():
