@@ -320,3 +320,17 @@ def test_missing_model_folders(work: Path, tmp_path: Path, capsys: pytest.Captur
     err = _err(capsys, ["train", "-c", "pipelines/demo.yaml", "-w", str(work), "--student", str(missing)])
     assert f"student '{missing}': no such model folder" in err
     assert not (work / "runs").exists()
+
+
+def test_train_sees_a_damaged_hub_shard_not_a_stale_cache(work: Path, built: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`datasets` caches a local folder by name + card only; a damaged shard must still be seen."""
+    from trainers.data import load_published
+
+    assert sum(len(v) for v in load_published(built / "hub", "SynthShapes").values()) > 0  # warm the cache
+    shard = next((work / "hub" / "data" / "SynthShapes").glob("cartoon-*.parquet"))
+    with open(shard, "r+b") as f:
+        f.truncate(200)
+    err = _err(capsys, ["train", "-c", "pipelines/demo.yaml", "-w", str(work), "--max-steps", "1"])
+    assert f"{shard}: cannot read the published SynthShapes data" in err and "dbr publish" in err
+    assert not (work / "runs").exists()

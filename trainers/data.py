@@ -113,8 +113,31 @@ def load_published(source: str | Path, dataset: str) -> dict[str, list[Example]]
     src = str(source)
     if Path(src).exists() and not (Path(src) / "README.md").exists():
         raise FileNotFoundError(f"{src}: not a published dataset folder (no README.md); run `dbr publish` first")
+    kwargs: dict[str, Any] = {}
+    if Path(src).is_dir():
+        # `datasets` keys its cache of a local folder by the folder name, config and card only, not
+        # by the files: a re-published (or damaged) W/hub would silently load the old cached rows.
+        # A cache folder per fingerprint (names, sizes, mtimes) of the files makes changes count.
+        from dbr_builder.fsutil import tree_fingerprint
+
+        fp = tree_fingerprint([Path(src) / "README.md", Path(src) / "data" / dataset])
+        kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "dbr-local" / fp[:16])
     try:
-        dd = datasets.load_dataset(src, dataset)
+        dd = datasets.load_dataset(src, dataset, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:  # a truncated / corrupt parquet shard
+        import pyarrow.parquet as pq
+
+        from dbr_builder.cli import UserError
+
+        where, cause = src, str(e.__cause__ or e).strip().splitlines()[0]
+        for shard in sorted((Path(src) / "data" / dataset).glob("*.parquet")):  # name the bad shard
+            try:
+                pq.read_metadata(shard)
+            except Exception as bad:  # noqa: BLE001 - any failure to read the footer marks the file
+                where, cause = str(shard), str(bad).strip().splitlines()[0]
+                break
+        raise UserError(f"{where}: cannot read the published {dataset} data ({cause}); "
+                        f"rebuild it with `dbr publish`") from None
     except (ValueError, FileNotFoundError) as e:
         raise FileNotFoundError(
             f"{src}: cannot load config {dataset!r} of the published dataset ({e}); "
