@@ -76,6 +76,13 @@ def test_dbr_train_end_to_end(workdir, tiny_model_path, tmp_path, capsys):
     assert main(argv) == 0
     assert "done" in capsys.readouterr().out
 
+    # Changed settings never silently return the old model: the run folder is refused.
+    cfg.write_text(cfg.read_text().replace("max_steps: 2", "max_steps: 3"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "trained with other settings (changed: max_steps)" in err and "--run" in err
+    assert json.loads((seed / "final" / "student.json").read_text()) == sj
+
 
 def test_missing_hub_is_a_clear_error(tmp_path, capsys):
     from dbr_builder.cli import main

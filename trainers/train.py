@@ -230,6 +230,36 @@ def _sharded(state: Any, items: list, fn: Any, tag: Path) -> list:
     return out
 
 
+# Keys that do not change what a run trains (where it runs, how it checkpoints, which units it covers).
+_NOT_SETTINGS = {"resume", "num_workers", "checkpoint_every", "datasets", "dataset", "heldout", "trial_seeds",
+                 "workdir", "root", "stage", "name", "description"}
+
+
+def check_run_settings(out: Path, c: dict[str, Any]) -> None:
+    """Refuse to reuse or resume a run folder that was trained with other settings.
+
+    Finished and interrupted stages are reused on rerun; without this check a changed student or
+    hyperparameter would silently return the old model.
+    """
+    from dbr_builder.cli import UserError
+    from dbr_builder.fsutil import stable_hash, write_json_atomic
+
+    settings = {k: v for k, v in c.items() if k not in _NOT_SETTINGS}
+    fp = stable_hash(settings)
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") != fp:
+            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
+                             if old.get("settings", {}).get(k) != settings.get(k))
+            raise UserError(
+                f"{out} was trained with other settings (changed: {', '.join(changed) or '?'}); "
+                "use a new run name (--run / `run:`) or delete that folder to retrain"
+            )
+    elif not (out / "final").exists():
+        write_json_atomic(path, {"fingerprint": fp, "settings": settings})
+
+
 def train_one(
     c: dict[str, Any], workdir: Path, dataset: str, heldout: str, seed: int,
     by_domain: dict[str, list], log: Any = print,
@@ -247,6 +277,7 @@ def train_one(
 
     out = seed_dir(workdir, c["run"], dataset, heldout, seed)
     final = out / "final"
+    check_run_settings(out, c)
     if (final / "student.json").exists():
         log(f"[train] {dataset}/{heldout}/seed{seed}: done ({final})")
         return json.loads((final / "student.json").read_text())
