@@ -88,9 +88,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("docs/ablation_synth.json"))
     args = p.parse_args()
 
-    from dbr_builder.synth import write_synthshapes
-    from dbr_builder.tiny_model import build_tiny_model
+    from dbr_builder.stages.synth import write_synthshapes
     from trainers.data import examples_from_rows, group_by_domain, rows_from_synth
+    from trainers.tiny_model import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="ablation-"))
     root = write_synthshapes(tmp / "raw", seed=0, per_class=args.per_class, image_size=args.image_size)

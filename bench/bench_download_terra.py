@@ -1,4 +1,4 @@
-"""Benchmark: TerraIncognita selection (dbr_builder.download.terra.plan_terra) is linear in annotations.
+"""Benchmark: TerraIncognita selection (dbr_builder.stages.download.terra.plan_terra) is linear in annotations.
 
 Synthetic CCT-style annotation data (images spread over 10 locations, ~1.1 annotations per image);
 times the planning step (grouping + selection, no file copies) and, for small sizes only, DomainBed's
@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 
-from dbr_builder.download.terra import plan_terra
+from dbr_builder.stages.download.terra import plan_terra
 
 CATS = ["bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel", "car", "deer"]
 

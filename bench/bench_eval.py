@@ -48,7 +48,7 @@ def answers(mode: str, classes: list[str], n: int, rng: random.Random) -> list[s
 
 
 def bench_parse(repeat: int) -> dict[str, float]:
-    from dbr_builder.eval_parsing import load_synonyms, parse_answer
+    from dbr_builder.stages.evaluate.parsing import load_synonyms, parse_answer
 
     classes = office_classes()
     syn = load_synonyms("OfficeHome", classes)
@@ -68,7 +68,7 @@ def bench_parse(repeat: int) -> dict[str, float]:
 
 
 def bench_icl(repeat: int) -> float:
-    from dbr_builder.icl import group_pool, icl_pool, select_examples
+    from dbr_builder.stages.evaluate.icl import group_pool, icl_pool, select_examples
 
     classes = office_classes()
     rows = [{"image_id": f"{d}-{c}-{i}", "domain": d, "class_name": c, "split": "in" if i % 5 else "out",
@@ -85,7 +85,7 @@ def bench_icl(repeat: int) -> float:
 
 
 def bench_tables(n: int, repeat: int) -> float:
-    from dbr_builder.results import write_reports
+    from dbr_builder.stages.evaluate.results import write_reports
 
     classes = office_classes()
     domains = ["Art", "Clipart", "Product", "Real World"]

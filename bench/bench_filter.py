@@ -21,8 +21,8 @@ import time
 
 import polars as pl
 
-from dbr_builder.filter import Rules, evaluate_candidates, kept_table, rejects_table
-from dbr_builder.stats import compute_stats
+from dbr_builder.stages.filter import Rules, evaluate_candidates, kept_table, rejects_table
+from dbr_builder.stages.filter.stats import compute_stats
 
 CLASSES = ["Alarm_Clock", "Backpack", "Batteries", "Bed", "Bike", "Bottle", "Bucket", "Calculator",
            "Calendar",

@@ -52,8 +52,8 @@ def main() -> int:
 
     from dbr_builder.backends import Request
     from dbr_builder.backends.hf_backend import HFBackend
-    from dbr_builder.prompts import teacher_prompt
-    from dbr_builder.tiny_model import build_tiny_model
+    from dbr_builder.core.prompts import teacher_prompt
+    from trainers.tiny_model import build_tiny_model
 
     tiny = build_tiny_model()
     processor = AutoProcessor.from_pretrained(tiny, local_files_only=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbr_builder.imageprep import parallel_map, prepare_content
+from dbr_builder.core.imageprep import parallel_map, prepare_content
 
 
 def make_images(d: Path, count: int) -> list[Path]:

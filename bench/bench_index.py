@@ -43,7 +43,7 @@ def make_tree(root: Path, n_images: int, size: int = 227) -> Path:
 
 
 def main() -> None:
-    from dbr_builder.index import index_dataset
+    from dbr_builder.stages.index import index_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20_000)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from dbr_builder.backends import Request, Result
-from dbr_builder.generate import Job, run_jobs
-from dbr_builder.store import Store
+from dbr_builder.core.store import Store
+from dbr_builder.stages.generate import Job, run_jobs
 
 SAMPLING = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 1.0, "seed": 0}
 TEXT = "<SUMMARY>s</SUMMARY><CAPTION>c</CAPTION><REASONING>" + "r" * 600 + "</REASONING><REFLECTION>x</REFLECTION><CONCLUSION>dog</CONCLUSION>"

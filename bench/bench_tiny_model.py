@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    from dbr_builder.tiny_model import build_tiny_model
+    from trainers.tiny_model import build_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     path = build_tiny_model(tmp / "first")

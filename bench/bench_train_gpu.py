@@ -56,7 +56,7 @@ def build_model(arch: str, device, dtype):
     from transformers import AutoModelForImageTextToText
 
     if arch == "tiny":
-        from dbr_builder.tiny_model import build_tiny_model
+        from trainers.tiny_model import build_tiny_model
 
         model = AutoModelForImageTextToText.from_pretrained(build_tiny_model(), dtype=dtype)
     else:

@@ -33,8 +33,8 @@ def main() -> int:
 
     import torch
 
-    import dbr_builder.tiny_model as tm
-    from dbr_builder.synth import write_synthshapes
+    import trainers.tiny_model as tm
+    from dbr_builder.stages.synth import write_synthshapes
     from trainers.data import SampleEncoder, examples_from_rows, group_by_domain, lodo_split, rows_from_synth
     from trainers.loop import train_stage
     from trainers.select import validation_accuracy

@@ -16,12 +16,8 @@ from typing import Any
 
 import yaml
 
+from dbr_builder.errors import ConfigError
 from dbr_builder.resources import data_dir, resource_path
-
-
-class ConfigError(ValueError):
-    """A config file is missing, unreadable or does not match its schema."""
-
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Never let a config pull a secret from the environment into files or logs.

@@ -10,15 +10,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from dbr_builder.config import ConfigError, load_pipeline
-from dbr_builder.fsutil import stable_hash, tree_fingerprint, write_json_atomic
-from dbr_builder.stages import StageNotBuilt, load_stage
+from dbr_builder.config import load_pipeline
+from dbr_builder.core import workdir as wdl
+from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.errors import ConfigError
+from dbr_builder.stages import download, filter, generate, index, publish, synth
+from dbr_builder.stages import evaluate as evaluate_stage
+from trainers import train
+
+# Verb -> the module that implements it (the stage protocol is in dbr_builder/stages/__init__.py).
+STAGES: dict[str, ModuleType] = {
+    "synth": synth,
+    "download": download,
+    "index": index,
+    "generate": generate,
+    "filter": filter,
+    "publish": publish,
+    "train": train,
+    "eval": evaluate_stage,
+}
+
+HELP: dict[str, str] = {
+    "synth": "write the embedded SynthShapes DG benchmark (DomainBed layout)",
+    "download": "download a DomainBed dataset into ROOT in DomainBed layout",
+    "index": "scan ROOT/DATASET into W/manifest/DATASET.parquet with DomainBed splits",
+    "generate": "generate teacher reasoning chains (resumable, shardable)",
+    "filter": "parse, validate and select one chain per image",
+    "publish": "write the Hub-layout dataset W/hub (and optionally push it)",
+    "train": "fine-tune a student with MTCT + SARR, leave-one-domain-out",
+    "eval": "evaluate held-out-domain accuracy and write result tables",
+}
+
+
+def load_stage(stage: str) -> ModuleType:
+    """The module implementing ``stage`` (a verb of ``STAGES``)."""
+    return STAGES[stage]
 
 
 @dataclass
@@ -42,7 +74,7 @@ class Unit:
 def plan(pipe: dict[str, Any], workdir: Path) -> list[Unit]:
     """Expand the pipeline's stage entries into units with defaults applied."""
     units: list[Unit] = []
-    default_root = pipe.get("root") or str(workdir / "raw")
+    default_root = pipe.get("root") or str(wdl.raw_dir(workdir))
     for entry in pipe["stages"]:
         stage = entry["stage"]
         mod = load_stage(stage)
@@ -98,7 +130,7 @@ def run_pipeline(
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
     selected = _select(units, start, until)
-    stamps = wd / ".stamps"
+    stamps = wdl.stamps_dir(wd)
     upstream: list[str] = []  # output fingerprints of earlier units, in order
     report: dict[str, Any] = {}
     produced: dict[str, list[Path]] = {}
@@ -154,11 +186,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force)
-    except StageNotBuilt as e:
-        print(f"dbr run: {e}", file=sys.stderr)
-        return 2
+    report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force)
     ran = sum(v == "ran" for v in report.values())
     skipped = sum(v == "skipped" for v in report.values())
     print(f"pipeline done: {ran} ran, {skipped} up to date")

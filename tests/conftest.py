@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small SynthShapes tree (4 domains x 6 classes x 4 images); returns the data root."""
-    from dbr_builder.synth import write_synthshapes
+    from dbr_builder.stages.synth import write_synthshapes
 
     root = tmp_path_factory.mktemp("raw")
     write_synthshapes(root, seed=0, per_class=4)
@@ -20,6 +20,6 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2-VL-family student, built from a config with a locally trained tokenizer."""
-    from dbr_builder.tiny_model import build_tiny_model
+    from trainers.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

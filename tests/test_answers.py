@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbr_builder.answers import NON_ALNUM_PATTERN, find_classes, match_class, matcher, synonyms_for
+from dbr_builder.core.answers import NON_ALNUM_PATTERN, find_classes, match_class, matcher, synonyms_for
 
 PACS = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 OFFICE = ["Alarm_Clock", "Batteries", "Desk_Lamp", "Knives", "Lamp_Shade", "Pen", "Pencil", "TV",

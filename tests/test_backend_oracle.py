@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dbr_builder.backends import BackendError, Request, make_backend
-from dbr_builder.synth import load_scenes
+from dbr_builder.stages.synth import load_scenes
 
 TAGS = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
 

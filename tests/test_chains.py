@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbr_builder.chains import FIELDS, STAGES, format_chain, parse_chain, parse_chains_frame
+from dbr_builder.core.chains import FIELDS, STAGES, format_chain, parse_chain, parse_chains_frame
 
 GOOD = format_chain("Look at the shape.", "A red star.", "Five points, so a star.", "Holds.", "star")
 

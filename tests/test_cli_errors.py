@@ -154,7 +154,7 @@ def test_merge_from_a_file_that_is_not_a_store(work: Path, tmp_path: Path,
 ])
 def test_generate_rejects_out_of_range_numbers(work: Path, args: list[str], flag: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from dbr_builder.store import read_results
+    from dbr_builder.core.store import read_results
 
     before = read_results(work, "SynthShapes").height
     err = _err(capsys, ["generate", "SynthShapes", "-w", str(work), "--teacher", "oracle", "--no-progress", *args])
@@ -283,7 +283,7 @@ def test_sigint_during_generate_then_rerun_resumes(work: Path) -> None:
     import sys
     import time
 
-    from dbr_builder.store import read_results
+    from dbr_builder.core.store import read_results
     from tests.openai_replay_server import ReplayServer
 
     store = work / "generations" / "SynthShapes" / "results.sqlite"

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from download_server import FileServer
 
-from dbr_builder.cli import UserError
 from dbr_builder.cli import main as cli_main
-from dbr_builder.download import dataset_folder, load_registry, outputs, run
-from dbr_builder.download.verify import LOCK_NAME
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download import dataset_folder, load_registry, outputs, run
+from dbr_builder.stages.download.verify import LOCK_NAME
 
 PACS_DOMAINS = {"art_painting": 3, "cartoon": 2, "photo": 2, "sketch": 3}
 PACS_CLASSES = ["dog", "horse"]

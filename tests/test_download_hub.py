@@ -18,9 +18,9 @@ import yaml
 from download_server import FileServer
 from PIL import Image
 
-from dbr_builder.cli import UserError
-from dbr_builder.download import run
-from dbr_builder.download.verify import LOCK_NAME
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download import run
+from dbr_builder.stages.download.verify import LOCK_NAME
 
 CLASSES = ["dog", "elephant", "horse"]
 DOMAINS = {"art_painting": 3, "cartoon": 4, "photo": 3, "sketch": 3}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dbr_builder.config import ConfigError, load_pipeline
-from dbr_builder.download import dataset_folder, get_dataset, load_registry
+from dbr_builder.stages.download import dataset_folder, get_dataset, load_registry
 
 
 def test_shipped_registry_matches_domainbed_and_design():

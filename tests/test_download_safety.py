@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbr_builder.cli import UserError
-from dbr_builder.download import run
-from dbr_builder.download.extract import (
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download import run
+from dbr_builder.stages.download.extract import (
     Budget,
     CorruptArchive,
     ExtractLimit,
@@ -25,7 +25,7 @@ from dbr_builder.download.extract import (
     extract_archive,
     parse_size,
 )
-from dbr_builder.download.http import confirmation_url
+from dbr_builder.stages.download.http import confirmation_url
 
 
 def make_zip(path: Path, members: list[tuple[str, bytes, int | None]]) -> Path:

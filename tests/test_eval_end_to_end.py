@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dbr_builder import evaluate
 from dbr_builder.cli import main as cli_main
-from dbr_builder.config import ConfigError
+from dbr_builder.errors import ConfigError
+from dbr_builder.stages import evaluate
 
 
 @pytest.fixture(scope="module")
 def workdir(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dbr_builder.index import index_dataset
+    from dbr_builder.stages.index import index_dataset
 
     w = tmp_path_factory.mktemp("evalwork")
     index_dataset(synth_root, "SynthShapes", w, trial_seed=0, progress=False)
@@ -74,7 +74,7 @@ def test_tiny_student_and_baseline_all_modes(workdir: Path, student: Path, tiny_
 
     # ICL prompts used 2 examples each, class-balanced, never from the held-out domain
     icl_file = next((out / "predictions").glob("tiny-base__SynthShapes__photo__seed0__icl2__*.jsonl"))
-    from dbr_builder.manifest import load_manifest
+    from dbr_builder.core.manifest import load_manifest
 
     df, _ = load_manifest(workdir, "SynthShapes")
     by_id = {r["image_id"]: r for r in df.to_dicts()}

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from dbr_builder.icl import group_pool, icl_content, icl_pool, select_examples
+from dbr_builder.stages.evaluate.icl import group_pool, icl_content, icl_pool, select_examples
 
 DOMAINS = ["art", "cartoon", "photo", "sketch"]
 CLASSES = ["a_cls", "b_cls", "c_cls", "d_cls", "e_cls"]

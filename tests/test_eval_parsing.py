@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbr_builder.eval_parsing import (
+from dbr_builder.stages.evaluate.parsing import (
     AMBIGUOUS,
     EMPTY,
     NO_ANSWER,

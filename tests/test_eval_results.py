@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from dbr_builder.results import cell_metrics, load_paper_table, mean_err, summarize, write_reports
+from dbr_builder.stages.evaluate.results import (
+    cell_metrics,
+    load_paper_table,
+    mean_err,
+    summarize,
+    write_reports,
+)
 
 
 def recs(method: str, ds: str, dom: str, seed: int, outcomes: str) -> list[dict]:

@@ -8,8 +8,14 @@ import json
 import polars as pl
 import pytest
 
-from dbr_builder.chains import format_chain
-from dbr_builder.filter import Rules, evaluate_candidates, filter_candidates, select_chains, validate_kept
+from dbr_builder.core.chains import format_chain
+from dbr_builder.stages.filter import (
+    Rules,
+    evaluate_candidates,
+    filter_candidates,
+    select_chains,
+    validate_kept,
+)
 
 CLASSES = ["Alarm_Clock", "dog", "star"]
 
@@ -158,7 +164,7 @@ def test_duplicate_image_in_two_rows_is_judged_per_row():
 
 
 def test_stats_report(tmp_path):
-    from dbr_builder.stats import write_report
+    from dbr_builder.stages.filter.stats import write_report
 
     man = make_manifest(["dog", "star", "dog", "star"], ["art", "art", "photo", "photo"])
     cands = pl.concat([

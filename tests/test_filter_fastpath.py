@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from dbr_builder.answers import matcher
-from dbr_builder.chains import FIELDS, STAGES, format_chain, parse_chain
-from dbr_builder.filter import (
+from dbr_builder.core.answers import matcher
+from dbr_builder.core.chains import FIELDS, STAGES, format_chain, parse_chain
+from dbr_builder.stages.filter import (
     SENTENCE_SPLIT_REFERENCE,
     Rules,
     evaluate_candidates,
@@ -269,7 +269,7 @@ def test_two_pass_sentence_split_equals_one_pass_regex(body):
                 max_size=12))
 def test_canonical_detection_never_misparses(parts):
     """Texts built from canonical tags and junk: the fast parse agrees with parse_chain per row."""
-    from dbr_builder.chains import parse_chains_frame
+    from dbr_builder.core.chains import parse_chains_frame
 
     texts = ["".join(f"<{'/' if close else ''}{s}>{junk}" for s, close, junk in parts),
              format_chain(*(j or "z" for _, _, j in (parts + [("", False, "")] * 5)[:5]))]

@@ -9,10 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dbr_builder import generate, store
 from dbr_builder.config import ConfigError, stage_schema, validate
-from dbr_builder.index import index_dataset
-from dbr_builder.manifest import load_manifest
+from dbr_builder.core import store
+from dbr_builder.core.manifest import load_manifest
+from dbr_builder.stages import generate
+from dbr_builder.stages.index import index_dataset
 
 DS = "SynthShapes"
 

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dbr_builder.index import LayoutError, index_dataset
-from dbr_builder.manifest import MANIFEST_COLUMNS, load_manifest
+from dbr_builder.core.manifest import MANIFEST_COLUMNS, load_manifest
+from dbr_builder.stages.index import LayoutError, index_dataset
 
 
 def _domainbed_reference(ds_dir: Path, trial_seed: int, holdout: float = 0.2) -> dict[str, tuple[int, str]]:

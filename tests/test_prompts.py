@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbr_builder import prompts
+from dbr_builder.core import prompts
 
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 

@@ -21,9 +21,9 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(synth_root, tmp_path_factory):
     """A work dir through filter and publish; returns (workdir, filter summary, publish summary)."""
-    from dbr_builder import filter as filt
-    from dbr_builder import generate, publish
-    from dbr_builder.index import index_dataset
+    from dbr_builder.stages import filter as filt
+    from dbr_builder.stages import generate, publish
+    from dbr_builder.stages.index import index_dataset
 
     wd = tmp_path_factory.mktemp("work")
     index_dataset(synth_root, DS, wd)
@@ -36,8 +36,8 @@ def built(synth_root, tmp_path_factory):
 
 
 def test_filter_outputs_and_rationalization(built):
-    from dbr_builder.filter import chains_path, rejects_path
-    from dbr_builder.manifest import load_manifest
+    from dbr_builder.core.manifest import load_manifest
+    from dbr_builder.stages.filter import chains_path, rejects_path
 
     wd, fsum, _ = built
     man, _ = load_manifest(wd, DS)
@@ -54,7 +54,7 @@ def test_filter_outputs_and_rationalization(built):
 def test_load_dataset_and_card(built):
     import datasets
 
-    from dbr_builder.publish import load_card_yaml
+    from dbr_builder.stages.publish import load_card_yaml
 
     wd, _, psum = built
     hub = wd / "hub"
@@ -79,7 +79,7 @@ def test_load_dataset_and_card(built):
 
 
 def test_publish_rerun_is_byte_identical(built):
-    from dbr_builder import publish
+    from dbr_builder.stages import publish
 
     wd, _, _ = built
     before = _digest(wd / "hub")
@@ -91,7 +91,7 @@ def test_push_uses_hf_token_and_never_leaks_it(built, monkeypatch, capsys):
     """The Hub is unreachable here: HfApi's methods are replaced at the huggingface_hub boundary."""
     import huggingface_hub
 
-    from dbr_builder.hub import HubError, push_folder
+    from dbr_builder.stages.publish.push import HubError, push_folder
 
     wd, _, _ = built
     calls: list[tuple[str, dict]] = []
@@ -136,7 +136,7 @@ def test_push_dry_run_lists_files_without_calling_the_hub(built, monkeypatch, ca
 
 
 def test_safe_split_names_and_shard_plan():
-    from dbr_builder.publish import plan_shards, safe_split_name
+    from dbr_builder.stages.publish import plan_shards, safe_split_name
 
     assert safe_split_name("Real World") == "Real_World" and safe_split_name("location_38") == "location_38"
     assert plan_shards([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
@@ -144,7 +144,7 @@ def test_safe_split_names_and_shard_plan():
 
 
 def test_filter_rerun_is_byte_identical(built):
-    from dbr_builder import filter as filt
+    from dbr_builder.stages import filter as filt
 
     wd, _, _ = built
     before = _digest(wd / "chains")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dbr_builder import store
 from dbr_builder.backends import Request, Result
-from dbr_builder.generate import Job, run_jobs
+from dbr_builder.core import store
+from dbr_builder.stages.generate import Job, run_jobs
 
 
 def _row(key: str, text: str | None, error: str | None = None, image: str = "img") -> store.Row:
@@ -103,8 +103,8 @@ def test_failures_are_recorded_and_retried_on_later_pass_and_rerun(tmp_path: Pat
 CHILD = textwrap.dedent("""
     import sys, time
     from dbr_builder.backends import Result
-    from dbr_builder.generate import Job, run_jobs
-    from dbr_builder.store import Store
+    from dbr_builder.stages.generate import Job, run_jobs
+    from dbr_builder.core.store import Store
 
     class Det:
         model = "det"

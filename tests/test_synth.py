@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbr_builder.synth import CLASSES, DOMAINS, load_scenes, write_synthshapes
+from dbr_builder.stages.synth import CLASSES, DOMAINS, load_scenes, write_synthshapes
 
 
 def _digest(tree: Path) -> dict[str, str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dbr_builder.cli import UserError
-from dbr_builder.tiny_model import CHAIN_TAGS, SPECIAL_TOKENS, build_tiny_model, main
+from dbr_builder.errors import UserError
+from trainers.tiny_model import CHAIN_TAGS, SPECIAL_TOKENS, build_tiny_model, main
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_reasoning_term_is_length_normalised(student, examples, encoder):
 
 
 def test_bad_rows_name_the_field():
-    from dbr_builder.cli import UserError
+    from dbr_builder.errors import UserError
     from trainers.data import examples_from_rows
 
     with pytest.raises(UserError, match="dg_split"):

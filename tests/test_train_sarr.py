@@ -8,7 +8,7 @@ CLASSES = ["circle", "hexagon", "pentagon", "square", "star", "triangle"]
 
 
 def _chain(conclusion: str) -> str:
-    from dbr_builder.chains import format_chain
+    from dbr_builder.core.chains import format_chain
 
     return format_chain("Count corners.", "A shape.", "It has corners.", "Style does not matter.", conclusion)
 

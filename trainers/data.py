@@ -26,6 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core.chains import format_chain
+from dbr_builder.core.fsutil import tree_fingerprint
+from dbr_builder.core.manifest import holdout_keys
+from dbr_builder.core.prompts import class_fields, render
+from dbr_builder.core.scenes import load_scenes
+from dbr_builder.errors import UserError
+from dbr_builder.stages.publish import safe_split_name as publish_safe
+
 IGNORE_INDEX = -100
 KIND_CLS = 0
 KIND_REASON = 1
@@ -61,8 +69,6 @@ class Sample:
 def safe_split_name(domain: str) -> str:
     """Hub split name of a domain (``Real World`` -> ``Real_World``); publish's rule when available."""
     try:
-        from dbr_builder.publish import safe_split_name as publish_safe
-
         return publish_safe(domain)
     except ImportError:
         return re.sub(r"[^A-Za-z0-9_.]+", "_", domain).strip("_") or "_"
@@ -78,15 +84,11 @@ def examples_from_rows(rows: Iterable[dict[str, Any]], source: str = "rows") -> 
     for i, row in enumerate(rows):
         missing = [k for k in ("image", "class_name", "domain", "dg_split") if k not in row]
         if missing:
-            from dbr_builder.cli import UserError
-
             raise UserError(
                 f"{source}: row {i} lacks column(s) {', '.join(missing)}; expected the published "
                 "DomainBed-Reasoning features (docs/ARCHITECTURE.md, Hub layout)"
             )
         if row["dg_split"] not in ("in", "out"):
-            from dbr_builder.cli import UserError
-
             raise UserError(f"{source}: row {i} has dg_split={row['dg_split']!r}; expected 'in' or 'out'")
         chain = row.get("chain")
         out.append(
@@ -118,7 +120,6 @@ def load_published(source: str | Path, dataset: str) -> dict[str, list[Example]]
         # `datasets` keys its cache of a local folder by the folder name, config and card only, not
         # by the files: a re-published (or damaged) W/hub would silently load the old cached rows.
         # A cache folder per fingerprint (names, sizes, mtimes) of the files makes changes count.
-        from dbr_builder.fsutil import tree_fingerprint
 
         fp = tree_fingerprint([Path(src) / "README.md", Path(src) / "data" / dataset])
         kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "dbr-local" / fp[:16])
@@ -127,7 +128,6 @@ def load_published(source: str | Path, dataset: str) -> dict[str, list[Example]]
     except datasets.exceptions.DatasetGenerationError as e:  # a truncated / corrupt parquet shard
         import pyarrow.parquet as pq
 
-        from dbr_builder.cli import UserError
 
         where, cause = src, str(e.__cause__ or e).strip().splitlines()[0]
         for shard in sorted((Path(src) / "data" / dataset).glob("*.parquet")):  # name the bad shard
@@ -156,8 +156,6 @@ def lodo_split(
 ) -> tuple[list[Example], list[Example], list[str]]:
     """Leave-one-domain-out: (train = `in` of the other domains, val = their `out`, train domains)."""
     if heldout not in by_domain:
-        from dbr_builder.cli import UserError
-
         raise UserError(f"held-out domain {heldout!r} not in the data; domains: {', '.join(by_domain)}")
     train_domains = [d for d in by_domain if d != heldout]
     train = [ex for d in train_domains for ex in by_domain[d] if ex.dg_split == "in"]
@@ -189,15 +187,11 @@ def load_image(image: Any) -> Any:
 
 def cls_prompt(classes: Sequence[str]) -> str:
     """q_cls with the class options (DESIGN.md)."""
-    from dbr_builder.prompts import class_fields, render
-
     return render("q_cls", **class_fields(classes))
 
 
 def reason_prompt(classes: Sequence[str]) -> str:
     """q_reason with the class options."""
-    from dbr_builder.prompts import class_fields, render
-
     return render("q_reason", **class_fields(classes))
 
 
@@ -355,10 +349,6 @@ def rows_from_synth(dataset_dir: str | Path, trial_seed: int = 0) -> list[dict[s
     For tests, the demo ablation and trying the trainer without a teacher: the same columns as
     the published dataset (``dg_split`` from DomainBed's holdout rule), ``image`` as a file path.
     """
-    from dbr_builder.chains import format_chain
-    from dbr_builder.manifest import holdout_keys
-    from dbr_builder.synth import load_scenes
-
     dataset_dir = Path(dataset_dir)
     scenes = load_scenes(dataset_dir)
     by_domain: dict[str, list[dict[str, Any]]] = {}

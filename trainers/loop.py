@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.data import Example, SampleEncoder, collate, pad_token_id
+from dbr_builder.core.fsutil import atomic_dir
+from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
 
 CKPT = "checkpoint"
@@ -159,24 +158,12 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, scheduler: Any, step
     """Write ``work/checkpoint`` atomically: built beside it, then swapped in by renames."""
     work.mkdir(parents=True, exist_ok=True)
     dest = work / CKPT
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CKPT}.", dir=work))
-    try:
+    with atomic_dir(dest) as tmp:
         torch.save(trainable_state(model), tmp / "trainable.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True))
-        old = work / f".{CKPT}.old"
-        if dest.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -322,8 +309,6 @@ def train_stage(
 
 
 def _kind_stats(sums: Any, toks: Any, kind: Any) -> dict[str, float]:
-    from trainers.data import KIND_CLS, KIND_REASON
-
     out = {}
     for name, k in (("cls_nll_sum", KIND_CLS), ("reason_nll_sum", KIND_REASON)):
         sel = kind == k

@@ -15,6 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.backends import Request, make_backend
+from dbr_builder.core.answers import match_class
+from dbr_builder.core.chains import parse_chain
+from dbr_builder.core.fsutil import write_text_atomic
 from trainers.data import Example, SampleEncoder, load_image
 
 NO_CORRECT = ("keep_teacher", "drop")
@@ -38,9 +42,6 @@ class SarrConfig:
 
 def judge(text: str | None, label: str, classes: Sequence[str], synonyms: dict[str, list[str]] | None = None) -> str:
     """Why a self chain is kept or rejected: ``ok`` | ``wrong_class`` | ``no_class`` | a parse reason."""
-    from dbr_builder.answers import match_class
-    from dbr_builder.chains import parse_chain
-
     parsed = parse_chain(text)
     if not parsed.ok:
         return str(parsed.reason or "invalid")
@@ -99,8 +100,6 @@ def generate_with_backend(
     image_dir: Path, **options: Any,
 ) -> list[list[str]]:
     """n chains per example through a dbr backend (images written once to ``image_dir``)."""
-    from dbr_builder.backends import Request, make_backend
-
     backend = make_backend(spec, **options)
     image_dir.mkdir(parents=True, exist_ok=True)
     reqs = []
@@ -167,8 +166,6 @@ def self_label(
 
 def save_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Write the round's per-image self-labeling log (jsonl) atomically."""
-    from dbr_builder.fsutil import write_text_atomic
-
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 

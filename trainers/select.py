@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainers.data import KIND_CLS, Example, SampleEncoder, collate, load_image, pad_token_id
+from trainers.loss import answer_nll
 
 
 def class_scores(
@@ -20,7 +21,6 @@ def class_scores(
     import torch
     from tqdm import tqdm
 
-    from trainers.loss import answer_nll
 
     device = next(model.parameters()).device
     pad = pad_token_id(encoder.processor)

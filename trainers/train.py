@@ -12,9 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dbr_builder.config import load_stage_config, validate_options
+from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
+from dbr_builder.errors import ConfigError, UserError
+from trainers import sarr as sarr_mod
+from trainers.data import SampleEncoder, load_published, lodo_split, safe_split_name
+from trainers.loop import LoopConfig, find_checkpoint, load_trainable_state, train_stage, trainable_state
+from trainers.sarr import SarrConfig
+from trainers.select import class_scores, validation_accuracy
+from trainers.tiny_model import build_tiny_model
 
 PER_DATASET = False
 STAGE = "train"
@@ -59,8 +68,6 @@ def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 def _datasets(cfg: dict[str, Any]) -> list[str]:
     ds = [cfg["dataset"]] if cfg.get("dataset") else list(cfg.get("datasets") or [])
     if not ds:
-        from dbr_builder.config import ConfigError
-
         raise ConfigError("train: no dataset; set `datasets:` in the pipeline or pass --dataset")
     return ds
 
@@ -71,8 +78,6 @@ def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
 
 def seed_dir(workdir: Path, run: str, dataset: str, heldout: str, seed: int) -> Path:
     """``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>``."""
-    from trainers.data import safe_split_name
-
     return Path(workdir) / "runs" / run / dataset / safe_split_name(heldout) / f"seed{seed}"
 
 
@@ -93,8 +98,6 @@ def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 def resolve_student(spec: str, workdir: Path) -> str:
     """``tiny`` -> the tiny test student built under ``W/models/tiny``; anything else unchanged."""
     if spec == "tiny":
-        from dbr_builder.tiny_model import build_tiny_model
-
         return str(build_tiny_model(Path(workdir) / "models" / "tiny"))
     return spec
 
@@ -102,8 +105,6 @@ def resolve_student(spec: str, workdir: Path) -> str:
 def check_student(spec: str) -> None:
     """Fail before any run folder is made when ``student`` is a path that does not exist."""
     if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
-        from dbr_builder.cli import UserError
-
         raise UserError(f"student {spec!r}: no such model folder; set `student:` / --student to a local folder, "
                         "a Hub id or `tiny`")
 
@@ -118,12 +119,8 @@ def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        from dbr_builder.cli import UserError
-
         raise UserError(f"student {path!r}: cannot load ({e}); set `student:` to a local folder or Hub id") from None
     if getattr(processor, "chat_template", None) is None:
-        from dbr_builder.cli import UserError
-
         raise UserError(f"student {path!r}: the processor has no chat template; MTCT needs one")
     model.config.use_cache = False
     if c["finetune"] == "full":
@@ -147,22 +144,13 @@ def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
 def save_stage(dest: Path, model: Any, processor: Any, info: dict[str, Any], full: bool,
                extra_files: dict[str, Path] | None = None) -> None:
     """Write a stage folder atomically: adapter (or full model) + stage.json."""
-    from dbr_builder.fsutil import write_json_atomic
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         if full:
             processor.save_pretrained(tmp)
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
         write_json_atomic(tmp / "stage.json", info)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
@@ -184,8 +172,6 @@ def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
 
 
 def _loop_config(c: dict[str, Any], seed: int):
-    from trainers.loop import LoopConfig
-
     o = c.get("optim") or {}
     return LoopConfig(
         lr=float(o.get("lr", 5e-4)), weight_decay=float(o.get("weight_decay", 0.0)),
@@ -199,8 +185,6 @@ def _loop_config(c: dict[str, Any], seed: int):
 
 
 def _sarr_config(c: dict[str, Any]):
-    from trainers.sarr import SarrConfig
-
     return SarrConfig(**(c.get("sarr") or {}))
 
 
@@ -219,7 +203,6 @@ def _sharded(state: Any, items: list, fn: Any, tag: Path) -> list:
     if world == 1:
         return fn(items)
     mine = fn(items[rank::world])
-    from dbr_builder.fsutil import write_json_atomic
 
     write_json_atomic(tag.with_name(f"{tag.name}.rank{rank}.json"), mine)
     state.wait_for_everyone()
@@ -241,9 +224,6 @@ def check_run_settings(out: Path, c: dict[str, Any]) -> None:
     Finished and interrupted stages are reused on rerun; without this check a changed student or
     hyperparameter would silently return the old model.
     """
-    from dbr_builder.cli import UserError
-    from dbr_builder.fsutil import stable_hash, write_json_atomic
-
     settings = {k: v for k, v in c.items() if k not in _NOT_SETTINGS}
     fp = stable_hash(settings)
     path = out / "settings.json"
@@ -268,12 +248,6 @@ def train_one(
     import torch
     from accelerate import PartialState
 
-    from dbr_builder.cli import UserError
-    from dbr_builder.fsutil import write_json_atomic
-    from trainers import sarr as sarr_mod
-    from trainers.data import SampleEncoder, lodo_split
-    from trainers.loop import find_checkpoint, train_stage, trainable_state
-    from trainers.select import validation_accuracy
 
     out = seed_dir(workdir, c["run"], dataset, heldout, seed)
     final = out / "final"
@@ -307,7 +281,6 @@ def train_one(
 
     def validate() -> dict[str, Any]:
         # Each rank scores its share; accuracy is recomputed from the merged per-image results.
-        from trainers.select import class_scores
 
         if state.num_processes == 1:
             return validation_accuracy(model, encoder, val, seq_batch=seq_batch)
@@ -352,8 +325,6 @@ def train_one(
             info["sarr"] = stats
             extra["self_chains.jsonl"] = rec_path
             if sc.init == "restart" and init_state is not None and find_checkpoint(swork) is None:
-                from trainers.loop import load_trainable_state
-
                 load_trainable_state(model, init_state)
             if not data:
                 raise UserError(f"{name}: no training images left (every self chain was wrong and "
@@ -382,17 +353,11 @@ def train_one(
         "finetune": c["finetune"],
     }
     if state.is_main_process:
-        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
-        try:
-            shutil.copytree(out / best, tmp / "f")
+        with atomic_dir(final) as tmp:
+            shutil.copytree(out / best, tmp, dirs_exist_ok=True)
             if full:
-                processor.save_pretrained(tmp / "f")
-            write_json_atomic(tmp / "f" / "student.json", student_json)
-            if final.exists():
-                shutil.rmtree(final)
-            (tmp / "f").rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                processor.save_pretrained(tmp)
+            write_json_atomic(tmp / "student.json", student_json)
     state.wait_for_everyone()
     log(f"[train] {dataset}/{heldout}/seed{seed}: selected {best} -> {final}")
     return student_json
@@ -400,8 +365,6 @@ def train_one(
 
 def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork):
     """The SARR chain generator: in-process generate, or a dbr backend with the current adapter."""
-    from trainers import sarr as sarr_mod
-
     if sc.generator == "model":
         def gen(exs):
             return _sharded(state, list(exs), lambda part: sarr_mod.generate_with_model(
@@ -425,12 +388,8 @@ def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Train every (dataset, held-out domain, trial seed) of the config; return their selections."""
-    from trainers.data import load_published
-
     c = _cfg(cfg)
     if c["finetune"] not in ("lora", "full"):
-        from dbr_builder.config import ConfigError
-
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
     check_student(c["student"])
@@ -441,7 +400,6 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         held = list(by_domain) if held is None else ([held] if isinstance(held, str) else list(held))
         unknown = [h for h in held if h not in by_domain]
         if unknown:  # before any run folder is made
-            from dbr_builder.config import ConfigError
 
             raise ConfigError(f"train.heldout: {', '.join(map(repr, unknown))} not a domain of {ds} "
                               f"(domains: {', '.join(by_domain)})")
@@ -468,8 +426,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.config import load_stage_config, validate_options
-
     cfg = load_stage_config(args.config, STAGE) if args.config else {"stage": STAGE}
     for key, val in (("dataset", args.dataset), ("heldout", args.heldout), ("student", args.student),
                      ("data", args.data), ("run", args.run), ("max_steps", args.max_steps),

@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.backends import BackendError, Request, Result
+from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core.imageprep import load_image
 
 
 def _resolve_dtype(dtype: str, device: str):
@@ -102,8 +103,6 @@ class HFBackend:
         return self
 
     def _messages(self, req: Request) -> tuple[list[dict], list[Any]]:
-        from dbr_builder.imageprep import load_image
-
         parts, images = [], []
         for p in req.content:
             if p.get("type") == "image":

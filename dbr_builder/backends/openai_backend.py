@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-from dbr_builder.backends import BackendError, Request, Result
+from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core.imageprep import load_image, to_data_url
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -141,8 +142,6 @@ class OpenAIBackend:
     # -- requests -----------------------------------------------------------------------------
     def payload(self, req: Request) -> dict[str, Any]:
         """The JSON body for one request (images as data URLs, in content order)."""
-        from dbr_builder.imageprep import load_image, to_data_url
-
         parts: list[dict[str, Any]] = []
         for p in req.content:
             if p.get("type") == "image":

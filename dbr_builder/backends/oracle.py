@@ -1,6 +1,6 @@
 """The oracle teacher (SynthShapes only): true chains written from each image's scene attributes.
 
-It reads ``scenes.jsonl`` (``dbr_builder.synth.load_scenes``) of the tree an image belongs to,
+It reads ``scenes.jsonl`` (``dbr_builder.stages.synth.load_scenes``) of the tree an image belongs to,
 and writes the five-stage chain a careful teacher would: corner count, straight or curved
 edges, what the style does and does not change. To give the filter real work it injects, at
 configurable rates, wrong conclusions (with reasoning that supports them, as a confused
@@ -15,7 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.backends import BackendError, Request, Result
+from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core.scenes import CLASSES, SCENES_FILE, load_scenes
 
 STAGES = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
 HINT_MARK = "the correct class is \""
@@ -54,8 +55,6 @@ class OracleBackend:
 
     # -- scene lookup -------------------------------------------------------------------------
     def _scene(self, image: str) -> dict[str, Any]:
-        from dbr_builder.synth import SCENES_FILE, load_scenes
-
         path = Path(image).resolve()
         for d in path.parents:
             if (d / SCENES_FILE).exists():
@@ -70,8 +69,6 @@ class OracleBackend:
     # -- chain writing ------------------------------------------------------------------------
     def chain_parts(self, scene: dict[str, Any], claimed: str) -> dict[str, str]:
         """The five stages for ``scene`` concluding ``claimed`` (the true class or a wrong one)."""
-        from dbr_builder.synth import CLASSES
-
         corners, structure = CLASSES[claimed]
         true_cls = scene["class_name"]
         edges = "one continuous curved edge" if corners == 0 else "straight edges meeting at sharp corners"
@@ -107,8 +104,6 @@ class OracleBackend:
 
     def candidate(self, scene: dict[str, Any], key: str, j: int, hinted: bool) -> tuple[str, str, dict[str, Any]]:
         """(text, finish_reason, injected faults) of sample ``j`` of request ``key``."""
-        from dbr_builder.synth import CLASSES
-
         rng = _rng("oracle", self.seed, scene["path"], key, j)
         r = self.rates
         true_cls = scene["class_name"]

@@ -1,7 +1,7 @@
 """vLLM offline-engine backend (``vllm.LLM``), written against the vLLM 0.33 API.
 
 - prompts go through the model's chat template with ``LLM.chat``; images are passed as
-  ``image_pil`` content parts (already decoded and resized by :mod:`dbr_builder.imageprep`);
+  ``image_pil`` content parts (already decoded and resized by :mod:`dbr_builder.core.imageprep`);
 - ``SamplingParams(n=k, ...)`` gives k candidates per request, one prefill shared by all;
 - ``regex=`` / ``json_schema=`` constrain the output with structured outputs
   (``SamplingParams(structured_outputs=StructuredOutputsParams(...))``, the API that replaced
@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dbr_builder.backends import BackendError, Request, Result
+from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core.imageprep import load_image
 
 
 def _import_vllm():
@@ -48,8 +49,6 @@ def structured_outputs(regex: str | None, json_schema: dict | str | None):
 
 def chat_messages(req: Request, max_pixels: int | None = None) -> list[dict[str, Any]]:
     """One OpenAI-style conversation for ``LLM.chat`` with PIL image parts, content order kept."""
-    from dbr_builder.imageprep import load_image
-
     parts: list[dict[str, Any]] = []
     for p in req.content:
         if p.get("type") == "image":

@@ -17,11 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dbr_builder.config import validate_options
+from dbr_builder.core import workdir as wdl
+from dbr_builder.core.fsutil import atomic_dir, read_parquet, write_text_atomic
+from dbr_builder.core.manifest import image_path, load_manifest
+from dbr_builder.core.workdir import chains_dir, chains_path, safe_split_name
+from dbr_builder.errors import UserError
+from dbr_builder.stages.filter.stats import load_stats
+from dbr_builder.stages.publish.card import features_for, render_card
+from dbr_builder.stages.publish.push import check_push, push_folder
 
 PER_DATASET = False
 DEFAULT_MAX_SHARD_MB = 500
@@ -29,24 +37,6 @@ ROW_GROUP_ROWS = 100  # small row groups: images are large, readers stream them
 
 COLUMNS = ["image", "image_id", "dataset", "domain", "class_name", "label", "dg_split", "chain", "summary",
            "caption", "reasoning", "reflection", "conclusion", "hinted", "teacher"]
-
-
-def safe_split_name(domain: str) -> str:
-    """A Hub-safe split name for a domain (``Real World`` -> ``Real_World``)."""
-    name = re.sub(r"[^0-9A-Za-z_]+", "_", domain).strip("_")
-    return name or "split"
-
-
-def features_for(classes: list[str]):
-    """The ``datasets.Features`` of a published config."""
-    from datasets import ClassLabel, Features, Image, Value
-
-    s = Value("string")
-    return Features({
-        "image": Image(), "image_id": s, "dataset": s, "domain": s, "class_name": s,
-        "label": ClassLabel(names=list(classes)), "dg_split": s, "chain": s, "summary": s, "caption": s,
-        "reasoning": s, "reflection": s, "conclusion": s, "hinted": Value("bool"), "teacher": s,
-    })
 
 
 def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
@@ -89,7 +79,6 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from dbr_builder.manifest import image_path
 
     features = features_for(meta["classes"])
     dest.mkdir(parents=True, exist_ok=True)
@@ -121,32 +110,14 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
     return splits
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` with renames (old copy removed afterwards)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = None,
             max_shard_mb: float = DEFAULT_MAX_SHARD_MB, progress: bool = True,
             card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (default ``W/hub``) for ``datasets``; return ``{dataset: [split info]}``."""
 
-    from dbr_builder.card import render_card
-    from dbr_builder.filter import chains_path
-    from dbr_builder.fsutil import read_parquet, write_text_atomic
-    from dbr_builder.manifest import load_manifest
-    from dbr_builder.stats import load_stats
 
     workdir = Path(workdir)
-    hub = Path(out) if out else workdir / "hub"
+    hub = Path(out) if out else wdl.hub_dir(workdir)
     if not datasets:
         raise ValueError("publish: no datasets given (set `datasets:` in the pipeline or pass --datasets)")
     infos: dict[str, Any] = {}
@@ -157,15 +128,8 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
         _, meta = load_manifest(workdir, ds)
         meta = {**meta, "dataset": ds}
         chains = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
-        data = hub / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ds}.", dir=data))
-        try:
+        with atomic_dir(hub / "data" / ds) as tmp:
             splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress)
-            _swap_in(tmp, data / ds)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": load_stats(workdir, ds),
                      "teachers": sorted(set(chains.get_column("teacher").to_list()))}
     # Folders of datasets no longer published would be loadable configs without a card entry.
@@ -179,13 +143,11 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
 # --- stage protocol -------------------------------------------------------------------------
 
 def hub_dir(cfg: dict[str, Any], workdir: Path) -> Path:
-    return Path(cfg.get("out") or Path(workdir) / "hub")
+    return Path(cfg.get("out") or wdl.hub_dir(workdir))
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Publish ``cfg["datasets"]`` into W/hub; push when ``cfg["push"]`` names a repo."""
-    from dbr_builder.hub import push_folder
-
     hub = hub_dir(cfg, workdir)
     infos = publish(workdir, list(cfg.get("datasets") or []), hub, float(cfg.get("max_shard_mb",
                                                                                DEFAULT_MAX_SHARD_MB)),
@@ -221,10 +183,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.cli import UserError
-    from dbr_builder.config import validate_options
-    from dbr_builder.hub import check_push, push_folder
-
     wd = Path(args.workdir)
     cfg: dict[str, Any] = {"out": args.out, "max_shard_mb": args.max_shard_mb, "pretty_name": args.pretty_name,
                            "push": args.push}
@@ -237,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--dry-run and --private only apply with --push REPO_ID")
     hub = hub_dir(cfg, wd)
     if not args.no_write:
-        datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (wd / "chains").glob("*.parquet")
+        datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
                                            if not p.name.endswith(".rejects.parquet"))
         if not datasets:
             raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")

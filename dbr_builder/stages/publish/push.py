@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.cli import UserError
+from dbr_builder.errors import UserError
 
 # Never pushed: huggingface_hub's own resume cache and our temporary files.
 IGNORE_PATTERNS = [".cache/**", "**/.*.tmp", "**/.*.parquet", ".*"]

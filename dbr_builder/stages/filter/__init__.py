@@ -6,7 +6,7 @@ code), keeps one accepted candidate per manifest row, and writes
 
 - ``W/chains/<Dataset>.parquet``          one chain per covered image (manifest order)
 - ``W/chains/<Dataset>.rejects.parquet``  every rejected candidate with its reason
-- ``W/reports/<Dataset>/stats.{json,md}`` + ``*.png`` (``dbr_builder.stats``)
+- ``W/reports/<Dataset>/stats.{json,md}`` + ``*.png`` (``dbr_builder.stages.filter.stats``)
 
 Rules, in order (reason codes):
 
@@ -14,7 +14,7 @@ Rules, in order (reason codes):
 ``unknown_image``     the candidate's image is not in the manifest (e.g. quarantined since)
 ``truncated``         ``finish_reason == "length"`` or the text ends inside a stage
 parser codes          ``empty``, ``duplicate_stage``, ``malformed_tag``, ``missing_stage``,
-                      ``out_of_order``, ``empty_stage`` (``dbr_builder.chains``)
+                      ``out_of_order``, ``empty_stage`` (``dbr_builder.core.chains``)
 ``no_class``          the conclusion names no class of the dataset
 ``ambiguous_class``   the conclusion names several classes
 ``wrong_label``       the conclusion names another class than the image's label
@@ -34,7 +34,7 @@ Ties break on sample index then request key, so the result is deterministic.
 
 Rationalization (``rationalize: {enabled: true, teacher: SPEC, n: 2}``): rows with no
 accepted candidate are sent once more to the teacher with the hinted ``rationalize`` prompt
-(``dbr_builder.generate.generate_for_images``); those chains pass the same rules and are
+(``dbr_builder.stages.generate.generate_for_images``); those chains pass the same rules and are
 flagged ``hinted``. The work is stored in the same append-only store, so a rerun costs nothing.
 """
 
@@ -45,7 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dbr_builder.chains import FIELDS, parse_chains_frame
+from dbr_builder.backends import BackendError, parse_spec
+from dbr_builder.config import load_schema, load_stage_config, stage_schema, validate
+from dbr_builder.core.answers import matcher, synonyms_for
+from dbr_builder.core.chains import FIELDS, parse_chains_frame
+from dbr_builder.core.fsutil import atomic_path
+from dbr_builder.core.manifest import load_manifest
+from dbr_builder.core.store import read_results
+from dbr_builder.core.workdir import chains_path, rejects_path, reports_dir
+from dbr_builder.errors import ConfigError
+from dbr_builder.stages.filter.stats import approx_tokens, markdown_table, summary_table, write_report
+from dbr_builder.stages.generate import generate_for_images
 
 if TYPE_CHECKING:
     import polars as pl
@@ -86,9 +96,6 @@ class Rules:
     def from_cfg(cls, cfg: dict[str, Any], dataset: str | None = None,
                  classes: list[str] | None = None) -> Rules:
         """Build rules from a filter stage config (see ``schemas/stages/filter.schema.json``)."""
-        from dbr_builder.answers import synonyms_for
-        from dbr_builder.config import ConfigError
-
         length = dict(DEFAULT_LENGTH)
         for k, v in (cfg.get("length") or {}).items():
             if k not in DEFAULT_LENGTH:
@@ -114,13 +121,6 @@ class Rules:
             models=cfg.get("models"),
             use_hinted=bool((cfg.get("rationalize") or {}).get("enabled", False)),
         )
-
-
-def approx_tokens(text: pl.Expr) -> pl.Expr:
-    """Approximate token count of a string column: ceil(characters / 4); 0 for null."""
-    import polars as pl
-
-    return ((text.str.len_chars().fill_null(0) + (CHARS_PER_TOKEN - 1)) // CHARS_PER_TOKEN).cast(pl.Int64)
 
 
 def _first_reason(checks: list[tuple[pl.Expr, str]], existing: pl.Expr) -> pl.Expr:
@@ -153,11 +153,10 @@ def class_table(conclusions: pl.Series, classes: list[str], synonyms: dict[str, 
     """``conclusion, _ncls, pred`` for each distinct non-null conclusion (one regex pass each).
 
     ``_ncls`` is the number of distinct classes named, ``pred`` the class when exactly one.
-    Same rule as :func:`dbr_builder.answers.match_class`.
+    Same rule as :func:`dbr_builder.core.answers.match_class`.
     """
     import polars as pl
 
-    from dbr_builder.answers import matcher
 
     cm = matcher(classes, synonyms)
     keys, vals = list(cm.surface_to_class), list(cm.surface_to_class.values())
@@ -357,34 +356,19 @@ def rejects_table(evaluated: pl.DataFrame, manifest: pl.DataFrame) -> pl.DataFra
 
 # --- stage protocol -------------------------------------------------------------------------
 
-def chains_path(workdir: str | Path, dataset: str) -> Path:
-    """``W/chains/<Dataset>.parquet``."""
-    return Path(workdir) / "chains" / f"{dataset}.parquet"
-
-
-def rejects_path(workdir: str | Path, dataset: str) -> Path:
-    """``W/chains/<Dataset>.rejects.parquet``."""
-    return Path(workdir) / "chains" / f"{dataset}.rejects.parquet"
-
-
 def write_parquet_atomic(df: pl.DataFrame, dest: Path) -> None:
     """Write ``df`` as parquet atomically, with settings that make reruns byte-identical."""
-    from dbr_builder.fsutil import atomic_path
-
     with atomic_path(dest, suffix=".parquet") as tmp:
         df.write_parquet(tmp, compression="zstd", statistics=False)
 
 
 def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: list[str]) -> int:
     """Ask the teacher for hinted chains for ``image_ids``; return how many images were sent."""
-    from dbr_builder.config import ConfigError
-
     rcfg = cfg.get("rationalize") or {}
     teacher = rcfg.get("teacher") or cfg.get("teacher")
     if not teacher:
         raise ConfigError(f"filter ({dataset}): rationalize.enabled needs rationalize.teacher (a backend SPEC)")
     if isinstance(teacher, str):  # a typo in the spec fails now, not only on a run that needs the teacher
-        from dbr_builder.backends import BackendError, parse_spec
 
         try:
             parse_spec(teacher)
@@ -392,7 +376,6 @@ def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: li
             raise ConfigError(f"filter ({dataset}): rationalize.teacher: {e}") from None
     if not image_ids:
         return 0
-    from dbr_builder.generate import generate_for_images
 
     options = {k: v for k, v in rcfg.items() if k not in ("enabled", "teacher", "n")}
     generate_for_images(workdir, dataset, image_ids, teacher, int(rcfg.get("n", 2)),
@@ -404,9 +387,6 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Filter one dataset's candidates; write chains, rejects and the stats report."""
     import polars as pl
 
-    from dbr_builder.manifest import load_manifest
-    from dbr_builder.stats import write_report
-    from dbr_builder.store import read_results
 
     dataset = cfg["dataset"]
     workdir = Path(workdir)
@@ -438,7 +418,6 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     write_parquet_atomic(kept, chains_path(workdir, dataset))
     write_parquet_atomic(rejects, rejects_path(workdir, dataset))
     report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
-    from dbr_builder.stats import summary_table
 
     print(f"{dataset}: filter report -> {Path(workdir) / 'reports' / dataset / 'stats.md'}")
     print(summary_table(report))
@@ -451,7 +430,6 @@ def validate_kept(kept: pl.DataFrame, classes: list[str], limit: int | None = No
     """Validate kept rows against ``schemas/chain.schema.json``; raise naming the first bad row."""
     import jsonschema
 
-    from dbr_builder.config import load_schema
 
     schema = load_schema("chain.schema.json")
     schema = {**schema, "properties": {**schema["properties"], "class_name": {"enum": classes}}}
@@ -467,7 +445,7 @@ def validate_kept(kept: pl.DataFrame, classes: list[str], limit: int | None = No
 
 def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
     ds = cfg["dataset"]
-    return [chains_path(workdir, ds), rejects_path(workdir, ds), Path(workdir) / "reports" / ds]
+    return [chains_path(workdir, ds), rejects_path(workdir, ds), reports_dir(workdir, ds)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -484,8 +462,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The filter cfg given by the CLI options (``--config`` first, flags override it)."""
-    from dbr_builder.config import load_stage_config, validate
-
     cfg: dict[str, Any] = load_stage_config(args.config, "filter") if args.config else {"stage": "filter"}
     cfg = {k: v for k, v in cfg.items() if k not in ("datasets", "stages", "workdir")}
     cfg["stage"] = "filter"
@@ -497,7 +473,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                               "n": args.rationalize_n}
     if args.max_template_images is not None:
         cfg["template_collapse"] = {"max_images": args.max_template_images}
-    from dbr_builder.config import stage_schema
 
     schema = stage_schema("filter")
     if schema is not None:
@@ -506,8 +481,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.stats import markdown_table
-
     cfg = config_from_args(args)
     summary = run(cfg, Path(args.workdir))
     ds = args.dataset

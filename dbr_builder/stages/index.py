@@ -20,8 +20,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.fsutil import atomic_path, write_json_atomic, write_text_atomic
-from dbr_builder.manifest import (
+from dbr_builder.config import validate_options
+from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.core.manifest import (
     IMG_EXTENSIONS,
     MANIFEST_COLUMNS,
     find_classes,
@@ -29,6 +30,8 @@ from dbr_builder.manifest import (
     list_images,
     manifest_paths,
 )
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download import dataset_folder
 
 PER_DATASET = True
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~0.25 GiB of RGBA)
@@ -43,8 +46,6 @@ def dataset_dir(root: str | Path, dataset: str) -> Path:
     root = Path(root)
     names = [dataset]
     try:
-        from dbr_builder.download import dataset_folder
-
         names.insert(0, dataset_folder(dataset))
     except ImportError:
         pass
@@ -234,9 +235,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.cli import UserError
-    from dbr_builder.config import validate_options
-
     opts = {"trial_seed": args.trial_seed, "holdout_fraction": args.holdout_fraction, "max_pixels": args.max_pixels,
             "workers": args.workers}
     validate_options(opts, "index", "command line", {k: "--" + k.replace("_", "-") for k in opts})

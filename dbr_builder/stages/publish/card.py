@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from dbr_builder.stages.filter.stats import summary_table
+
 # Source datasets: homepage and licence terms as stated by their authors (summarised).
 SOURCES: dict[str, dict[str, str]] = {
     "PACS": {
@@ -79,6 +81,18 @@ the teacher sees the label as a hint; such chains are flagged `hinted = true`.
 """
 
 
+def features_for(classes: list[str]):
+    """The ``datasets.Features`` of a published config."""
+    from datasets import ClassLabel, Features, Image, Value
+
+    s = Value("string")
+    return Features({
+        "image": Image(), "image_id": s, "dataset": s, "domain": s, "class_name": s,
+        "label": ClassLabel(names=list(classes)), "dg_split": s, "chain": s, "summary": s, "caption": s,
+        "reasoning": s, "reflection": s, "conclusion": s, "hinted": Value("bool"), "teacher": s,
+    })
+
+
 def _size_category(n: int) -> str:
     for lim, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if n < lim:
@@ -88,7 +102,6 @@ def _size_category(n: int) -> str:
 
 def card_yaml(infos: dict[str, Any], pretty_name: str) -> dict[str, Any]:
     """The card's YAML metadata for ``{dataset: {"classes", "splits", ...}}``."""
-    from dbr_builder.publish import features_for
 
     total = sum(s["num_examples"] for info in infos.values() for s in info["splits"])
     configs, dataset_info = [], []
@@ -134,8 +147,6 @@ def _teacher_lines(infos: dict[str, Any]) -> list[str]:
 
 def render_card(infos: dict[str, Any], pretty_name: str | None = None, repo_id: str | None = None) -> str:
     """The whole README.md (YAML header + body)."""
-    from dbr_builder.stats import summary_table
-
     pretty_name = pretty_name or "DomainBed-Reasoning"
     header = yaml.safe_dump(card_yaml(infos, pretty_name), sort_keys=False, allow_unicode=True, width=1000)
     first = next(iter(infos))

@@ -7,13 +7,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbr_builder.cli import UserError
-from dbr_builder.download import hub
-from dbr_builder.download.extract import Budget, archive_kind, extract_archive
-from dbr_builder.download.http import DownloadError, FetchOptions, fetch
-from dbr_builder.download.layouts import LayoutError, apply_layout, copy_tree, find_domain_root
-from dbr_builder.download.registry import Artifact, DatasetSpec, Source
-from dbr_builder.download.verify import Lock
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download import hub
+from dbr_builder.stages.download.extract import Budget, archive_kind, extract_archive
+from dbr_builder.stages.download.http import DownloadError, FetchOptions, fetch
+from dbr_builder.stages.download.layouts import LayoutError, apply_layout, copy_tree, find_domain_root
+from dbr_builder.stages.download.registry import Artifact, DatasetSpec, Source
+from dbr_builder.stages.download.verify import Lock
 
 DOWNLOADS = ".downloads"
 

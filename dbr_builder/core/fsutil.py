@@ -1,15 +1,26 @@
-"""Small filesystem helpers shared by every stage: atomic writes and fingerprints."""
+"""Small filesystem helpers shared by every stage: atomic files and folders, fingerprints.
+
+Every finished output is made under a hidden temporary name beside its destination and
+renamed into place, so a crash never leaves a half-written file or folder that looks
+finished. Outputs get the user's umask (``mkstemp``/``mkdtemp`` alone would make them
+private), so labmates on a shared cluster can read them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dbr_builder.errors import UserError
 
 
 @contextlib.contextmanager
@@ -23,12 +34,97 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or ".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~current_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new hidden temporary folder ``parent/.name.XXXX.tmp`` with umask permissions."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _old_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.old")
+
+
+def recover_dir(dest: str | os.PathLike[str]) -> None:
+    """Finish or undo a folder swap that a crash interrupted (see :func:`swap_dir`)."""
+    dest = Path(dest)
+    old = _old_name(dest)
+    if old.exists():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, dest)  # the crash came between the two renames: put the old copy back
+
+
+def swap_dir(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Put the finished folder ``src`` at ``dest``, replacing any old ``dest``.
+
+    Readers see the old folder or the new one, never neither: with ``renameat2`` the two
+    are exchanged in one step; elsewhere the old one is moved to ``.dest.old`` first and a
+    crash between the two renames is undone by the next :func:`recover_dir`.
+    """
+    src, dest = Path(src), Path(dest)
+    recover_dir(dest)
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    if _exchange(src, dest):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old copy
+        return
+    old = _old_name(dest)
+    os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; swap it in (:func:`swap_dir`) only on success."""
+    dest = Path(dest)
+    tmp = make_temp_dir(dest.parent, dest.name)
+    try:
+        yield tmp
+        swap_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(dest: str | os.PathLike[str], text: str) -> Path:
@@ -99,7 +195,5 @@ def read_parquet(path: str | os.PathLike[str], remedy: str) -> Any:
     try:
         return pl.read_parquet(path)
     except pl.exceptions.PolarsError as e:
-        from dbr_builder.cli import UserError
-
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: unreadable parquet file ({reason}); {remedy}") from None

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dbr_builder.core.prompts import render
+
 SPLITS = ("in", "out", "all")
 
 
@@ -126,8 +128,6 @@ def choices_text(classes: Sequence[str]) -> str:
 
 def choice_content(image: str, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Zero-shot ``Answer Choice`` prompt (``prompts/zeroshot_choice.txt``) for one image."""
-    from dbr_builder.prompts import render
-
     return [{"type": "image", "path": image},
             {"type": "text", "text": render("zeroshot_choice", choices=choices_text(classes))}]
 
@@ -140,8 +140,6 @@ def icl_content(
     ``examples`` are ``(image path, class name)``. With no examples this is exactly the
     zero-shot choice prompt, so k = 0 is the zero-shot baseline.
     """
-    from dbr_builder.prompts import render
-
     if not examples:
         return choice_content(query_image, classes)
     content: list[dict[str, Any]] = []

@@ -33,7 +33,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import ConfigError
+from dbr_builder.backends import KINDS, BackendError, Request, make_backend, redact_spec
+from dbr_builder.config import load_stage_config, stage_schema, validate
+from dbr_builder.core import prompts
+from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.manifest import image_path, load_manifest
+from dbr_builder.errors import ConfigError
+from dbr_builder.resources import resource_path
+from dbr_builder.stages.evaluate import icl
+from dbr_builder.stages.evaluate.icl import group_pool, icl_pool, select_examples
+from dbr_builder.stages.evaluate.parsing import load_synonyms, parse_answer
+from dbr_builder.stages.evaluate.results import load_paper_table, write_reports
 
 PER_DATASET = False
 
@@ -123,16 +133,12 @@ def _options_json(options: dict[str, Any] | None) -> str:
 
 def _student_spec(base_model: str, kind: str) -> str:
     """Backend spec of a student's base model (``student.json`` stores a model id or path)."""
-    from dbr_builder.backends import KINDS
-
     head = base_model.split(":", 1)[0].lower()
     return base_model if head in KINDS and ":" in base_model else f"{kind}:{base_model}"
 
 
 def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]]) -> list[Job]:
     """Expand the eval config into jobs; ``domains`` maps each dataset to its sorted domains."""
-    from dbr_builder.backends import redact_spec
-
     jobs: list[Job] = []
     datasets = list(domains)
     heldouts = cfg.get("heldout_domains")
@@ -195,9 +201,6 @@ def _max_new_tokens(cfg: dict[str, Any], mode: str) -> int:
 def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: list[str],
                   examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The user turn of one request (image parts carry absolute paths)."""
-    from dbr_builder import icl, prompts
-    from dbr_builder.manifest import image_path
-
     img = str(image_path(meta, row["path"]))
     if job.mode in ("direct", "reasoning"):
         name = "q_cls" if job.mode == "direct" else "q_reason"
@@ -211,9 +214,6 @@ def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: 
 
 def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
     """Everything that changes a job's answers (its prediction file is named by this hash)."""
-    from dbr_builder import prompts
-    from dbr_builder.fsutil import tree_fingerprint
-
     names = {"direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
              "icl": ["zeroshot_choice", "icl_example", "icl_query"]}[job.mode]
     return {
@@ -231,8 +231,6 @@ def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def job_file(eval_dir: Path, job: Job, cfg: dict[str, Any]) -> Path:
     """``predictions/<name>__<Dataset>__<heldout>__seed<k>__<mode>__<hash>.jsonl``."""
-    from dbr_builder.fsutil import stable_hash
-
     tag = f"icl{job.shots}" if job.mode == "icl" else job.mode
     h = stable_hash(job_fingerprint(job, cfg))[:12]
     return eval_dir / "predictions" / (
@@ -289,8 +287,6 @@ class DatasetData:
 
 
 def _load_datasets(workdir: Path, names: Sequence[str]) -> dict[str, DatasetData]:
-    from dbr_builder.manifest import load_manifest
-
     out = {}
     for ds in names:
         df, meta = load_manifest(workdir, ds)
@@ -344,8 +340,6 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
     """Generate the missing answers of one job, appending each batch to ``path``."""
     from tqdm import tqdm
 
-    from dbr_builder.backends import Request
-    from dbr_builder.icl import group_pool, icl_pool, select_examples
 
     items = _eval_items(job, data, cfg.get("limit"))
     done = {k for k, r in read_predictions(path).items() if r.get("error") is None}
@@ -391,13 +385,11 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
 
 def collect_records(jobs: list[Job], cfg: dict[str, Any], data: dict[str, DatasetData],
                     eval_dir: Path) -> list[dict[str, Any]]:
-    """Parsed prediction records of every job (what :mod:`dbr_builder.results` aggregates).
+    """Parsed prediction records of every job (what :mod:`dbr_builder.stages.evaluate.results` aggregates).
 
     An item without a stored answer (generation failed and was not retried yet) is scored
     as unparseable with status ``error``, so accuracies are always over the whole domain.
     """
-    from dbr_builder.eval_parsing import load_synonyms, parse_answer
-
     syn = {ds: load_synonyms(ds, d.classes, cfg.get("synonyms")) for ds, d in data.items()}
     out = []
     for job in jobs:
@@ -423,10 +415,6 @@ def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
 
 def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
-    from dbr_builder.backends import BackendError, make_backend, redact_spec
-    from dbr_builder.fsutil import write_json_atomic
-    from dbr_builder.results import load_paper_table, write_reports
-
     workdir = Path(workdir)
     names = _datasets_of(cfg, workdir)
     if cfg.get("students", True) and not cfg.get("models"):
@@ -503,8 +491,6 @@ def outputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
 
 def inputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
     """Files it reads that the pipeline does not produce upstream: students, synonyms, paper table."""
-    from dbr_builder.resources import resource_path
-
     run_name = cfg.get("students_run") or cfg.get("run") or "eval"
     out = [Path(cfg["synonyms"]) if cfg.get("synonyms") else resource_path("pipelines", "class_synonyms.yaml"),
            Path(cfg["paper_table"]) if cfg.get("paper_table") else resource_path("pipelines", "paper_table1.yaml")]
@@ -547,8 +533,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The eval cfg: the config file's eval options with command-line overrides applied."""
-    from dbr_builder.config import load_stage_config, stage_schema, validate
-
     if args.config:
         cfg = load_stage_config(args.config, "eval")
     elif args.model or args.adapter:

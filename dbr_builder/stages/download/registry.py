@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.config import ConfigError, load_schema, load_yaml, validate
+from dbr_builder.errors import UserError
 from dbr_builder.resources import resource_path
 
 
@@ -57,8 +58,6 @@ class DatasetSpec:
 
     def source(self, name: str) -> Source:
         """The source called ``name``; a UserError lists the known ones otherwise."""
-        from dbr_builder.cli import UserError
-
         for s in self.sources:
             if s.name == name:
                 return s
@@ -112,8 +111,6 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
 
 def get_dataset(name: str, registry: str | Path | None = None) -> DatasetSpec:
     """The registry entry of ``name``; a UserError lists the known datasets otherwise."""
-    from dbr_builder.cli import UserError
-
     reg = load_registry(registry)
     if name in reg:
         return reg[name]

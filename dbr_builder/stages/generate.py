@@ -2,7 +2,7 @@
 
 For each manifest image (optionally one shard of them, by a hash of ``image_id``) the stage
 asks the teacher for ``n`` candidate chains with the ``teacher`` prompt (class list, label
-withheld) and appends them to the generation store (``dbr_builder.store``). Already stored
+withheld) and appends them to the generation store (``dbr_builder.core.store``). Already stored
 candidates are skipped, so a rerun after a crash or ``kill -9`` finishes the job without
 redoing paid-for work; failed requests are recorded with their cause and retried on the next
 pass and the next run. Images are decoded and resized in worker threads a couple of batches
@@ -23,8 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.backends import Backend, Request, Result
-from dbr_builder.store import Row, Store, params_json, request_key
+from dbr_builder.backends import Backend, BackendError, Request, Result, make_backend
+from dbr_builder.backends.base import _coerce
+from dbr_builder.config import validate_options
+from dbr_builder.core.fsutil import write_json_atomic
+from dbr_builder.core.imageprep import parallel_map, prefetch, prepare_content
+from dbr_builder.core.manifest import image_path, load_manifest
+from dbr_builder.core.prompts import fields, prompt_id, teacher_prompt
+from dbr_builder.core.store import Row, Store, merge_dataset, params_json, request_key, shard_file, store_dir
+from dbr_builder.errors import ConfigError, UserError
 
 PER_DATASET = True
 
@@ -96,7 +103,6 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     """
     from tqdm import tqdm
 
-    from dbr_builder.imageprep import parallel_map, prefetch, prepare_content
 
     if n < 1:
         raise ValueError("n (candidates per image) must be >= 1")
@@ -211,9 +217,6 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
 
 def build_jobs(df: Any, meta: dict[str, Any], prompt_name: str) -> list[Job]:
     """One job per manifest row: the prompt text (shared prefix), then the image."""
-    from dbr_builder.manifest import image_path
-    from dbr_builder.prompts import fields, prompt_id, teacher_prompt
-
     pid = prompt_id(prompt_name)
     classes = list(meta["classes"])
     hinted = "label" in fields(prompt_name)
@@ -231,7 +234,6 @@ def select_rows(df: Any, cfg: dict[str, Any]) -> Any:
     """Apply ``domains`` / ``splits`` / shard / ``limit`` to the manifest (order kept)."""
     import polars as pl
 
-    from dbr_builder.config import ConfigError
 
     if cfg.get("domains"):
         unknown = sorted(set(cfg["domains"]) - set(df["domain"].unique().to_list()))
@@ -256,8 +258,6 @@ def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _full_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    from dbr_builder.config import ConfigError
-
     out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if not out.get("teacher") and not out.get("merge"):
         raise ConfigError("generate: set `teacher:` (e.g. vllm:Qwen/Qwen2.5-VL-7B-Instruct, openai:gpt-4o, "
@@ -269,19 +269,12 @@ def _full_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def summary_file(workdir: Path, dataset: str, shard: int, num_shards: int) -> Path:
     """Where a run's summary is written (beside its store file)."""
-    from dbr_builder.store import shard_file
-
     f = shard_file(workdir, dataset, shard, num_shards)
     return f.with_name(f.stem.replace("results", "summary") + ".json")
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The stage: generate (this shard of) a dataset's candidates; optionally merge shards."""
-    from dbr_builder.backends import make_backend
-    from dbr_builder.fsutil import write_json_atomic
-    from dbr_builder.manifest import load_manifest
-    from dbr_builder.store import merge_dataset, shard_file
-
     c = _full_cfg(cfg)
     workdir = Path(workdir)
     ds = c["dataset"]
@@ -319,9 +312,6 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
     """
     import polars as pl
 
-    from dbr_builder.backends import make_backend
-    from dbr_builder.manifest import load_manifest
-    from dbr_builder.store import shard_file
 
     bad = sorted(set(opts) - set(DEFAULTS) - {"progress"})
     if bad:
@@ -345,16 +335,12 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
 
 def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
     """The dataset's store folder (all shard files, the merged file and run summaries)."""
-    from dbr_builder.store import store_dir
-
     return [store_dir(workdir, cfg["dataset"])]
 
 
 # --- CLI -------------------------------------------------------------------------------------
 
 def _kv(text: str) -> tuple[str, Any]:
-    from dbr_builder.backends import _coerce
-
     k, eq, v = text.partition("=")
     if not eq or not k:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -394,11 +380,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dbr_builder.backends import BackendError
-    from dbr_builder.cli import UserError
-    from dbr_builder.config import validate_options
-    from dbr_builder.store import merge_dataset
-
     workdir = Path(args.workdir)
     try:
         if args.merge and not args.teacher:

@@ -5,12 +5,12 @@ Three protocols (``dbr eval --mode``):
 - ``direct``: the answer to ``q_cls`` is free text that should name one class
   (``"Dog."``, ``"The answer is: dogs"``, ``"**giraffe**"``);
 - ``reasoning``: the answer to ``q_reason`` is a five-stage chain; the class is read from its
-  ``<CONCLUSION>`` only (``dbr_builder.chains.parse_chain``), never from the reasoning text;
+  ``<CONCLUSION>`` only (``dbr_builder.core.chains.parse_chain``), never from the reasoning text;
 - ``choice`` (also used for in-context learning): the zero-shot protocol of the
   OOD-generalization paper: the answer must contain ``Answer Choice: [choice]``, found with a
   case-insensitive regex; an answer without it is unparseable, and unparseable counts as wrong.
 
-Every protocol maps the extracted span to a class with ``dbr_builder.answers.match_class``
+Every protocol maps the extracted span to a class with ``dbr_builder.core.answers.match_class``
 (case, punctuation, underscores vs spaces, simple plurals, per-dataset synonyms) and, when
 the span is a sentence rather than a bare class name, with :func:`mentioned_classes`: the
 classes named in it (longest form first, so ``computer mouse`` is not also ``Computer``;
@@ -23,6 +23,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from dbr_builder.core.answers import match_class, matcher, normalize, synonyms_for
+from dbr_builder.core.chains import parse_chain
+from dbr_builder.errors import ConfigError
+from dbr_builder.resources import resource_path
 
 MODES = ("direct", "reasoning", "choice", "icl")
 
@@ -68,13 +73,11 @@ _NEGATIONS = ("not", "no", "isn t", "nor", "never", "neither", "instead of", "ra
 def mentioned_classes(text: str, classes: Sequence[str], synonyms: Synonyms | None = None) -> list[str]:
     """Distinct classes named in ``text`` (in order of first mention), negated mentions dropped.
 
-    Mentions are found with ``dbr_builder.answers``' matcher (whole words, longest phrase
+    Mentions are found with ``dbr_builder.core.answers``' matcher (whole words, longest phrase
     first, so ``desk lamp`` is not also ``Desk``). A mention right after a negation
     (``not a cat``, ``rather than dogs``) is dropped, unless every mention is negated (then
     all are kept, and the caller sees an ambiguity rather than a silent guess).
     """
-    from dbr_builder.answers import matcher, normalize
-
     m = matcher(list(classes), synonyms)
     norm = normalize(text)
     hits: list[tuple[str, bool]] = []
@@ -89,8 +92,6 @@ def mentioned_classes(text: str, classes: Sequence[str], synonyms: Synonyms | No
 
 def classify_span(span: str, classes: Sequence[str], synonyms: Synonyms | None = None) -> ParsedAnswer:
     """Map an answer span (a class name or a short sentence) to exactly one class."""
-    from dbr_builder.answers import match_class
-
     span = span.strip()
     if not span:
         return ParsedAnswer(None, NO_MATCH, span)
@@ -125,11 +126,9 @@ def parse_direct(text: str | None, classes: Sequence[str], synonyms: Synonyms | 
 def conclusion_text(text: str) -> str | None:
     """The ``<CONCLUSION>`` body of a chain, or None if the chain has none.
 
-    Uses ``dbr_builder.chains.parse_chain``; a chain cut off inside an opened
+    Uses ``dbr_builder.core.chains.parse_chain``; a chain cut off inside an opened
     ``<CONCLUSION>`` (no closing tag) still yields its body.
     """
-    from dbr_builder.chains import parse_chain
-
     parsed = parse_chain(text)
     if parsed.conclusion is not None and parsed.conclusion.strip():
         return parsed.conclusion
@@ -184,7 +183,7 @@ def parse_answer(mode: str, text: str | None, classes: Sequence[str],
 
 
 def load_synonyms(dataset: str, classes: Sequence[str], path: str | None = None) -> dict[str, list[str]]:
-    """Class synonyms of ``dataset``: ``dbr_builder.answers``' defaults plus ``pipelines/class_synonyms.yaml``.
+    """Class synonyms of ``dataset``: ``dbr_builder.core.answers``' defaults plus ``pipelines/class_synonyms.yaml``.
 
     ``path`` replaces the packaged YAML file. Only synonyms of classes in ``classes`` are
     kept (a dataset folder may hold a subset of the classes).
@@ -193,9 +192,6 @@ def load_synonyms(dataset: str, classes: Sequence[str], path: str | None = None)
 
     import yaml
 
-    from dbr_builder.answers import synonyms_for
-    from dbr_builder.config import ConfigError
-    from dbr_builder.resources import resource_path
 
     p = Path(path) if path else resource_path("pipelines", "class_synonyms.yaml")
     try:

@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.fsutil import stable_hash
+from dbr_builder.core.fsutil import stable_hash, swap_dir
+from dbr_builder.errors import UserError
 
 # Bump when the build recipe changes in a way the spec below does not capture.
 BUILDER_VERSION = 1
@@ -386,8 +387,6 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
     if _is_build(out, spec_hash) and not force:
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / MARKER).exists():
-        from dbr_builder.cli import UserError
-
         raise UserError(
             f"{out} exists and is not a tiny-model build; choose an empty or new folder for the tiny model"
         )
@@ -406,14 +405,7 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
         if _is_build(out, spec_hash) and not force:
             # A concurrent builder finished the identical build first: keep it.
             return out
-        if out.exists():
-            # Move the old build (or empty folder) aside, put the new one in place, then delete.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "build")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -421,9 +413,9 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dbr_builder.tiny_model [OUT_DIR] [--seed S] [--force]``: build and print the path."""
+    """``python -m trainers.tiny_model [OUT_DIR] [--seed S] [--force]``: build and print the path."""
     parser = argparse.ArgumentParser(
-        prog="python -m dbr_builder.tiny_model", description="Build the tiny Qwen2.5-VL test student."
+        prog="python -m trainers.tiny_model", description="Build the tiny Qwen2.5-VL test student."
     )
     parser.add_argument("out_dir", nargs="?", default=None, help="output folder (default: cache folder)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.cli import UserError
-from dbr_builder.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
-from dbr_builder.download.http import DownloadError, FetchOptions
-from dbr_builder.download.hub import MirrorError
-from dbr_builder.download.layouts import LayoutError
-from dbr_builder.download.registry import DatasetSpec, dataset_folder, get_dataset, load_registry
-from dbr_builder.download.sources import Context, build_archives, build_from, build_hub
-from dbr_builder.download.verify import (
+from dbr_builder.core.fsutil import swap_dir
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
+from dbr_builder.stages.download.http import DownloadError, FetchOptions
+from dbr_builder.stages.download.hub import MirrorError
+from dbr_builder.stages.download.layouts import LayoutError
+from dbr_builder.stages.download.registry import DatasetSpec, dataset_folder, get_dataset, load_registry
+from dbr_builder.stages.download.sources import Context, build_archives, build_from, build_hub
+from dbr_builder.stages.download.verify import (
     CountMismatch,
     Lock,
     count_report,
@@ -179,13 +180,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 def _install(new: Path, dest: Path) -> None:
     """Move the finished tree into place; an old tree (``--force``) is removed only afterwards."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_dir(new, dest)
 
 
 def _record(lock: Lock, spec: DatasetSpec, dest: Path, used: str, check: dict[str, Any],

@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbr_builder.cli import UserError
+from dbr_builder.errors import UserError
 
 DEFAULT_MAX_EXTRACT_BYTES = 256 * 1024**3  # DomainNet unpacks to ~20 GB; the cap only stops bombs
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

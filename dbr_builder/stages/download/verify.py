@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.cli import UserError
-from dbr_builder.fsutil import sha256_file, write_json_atomic
+from dbr_builder.core.fsutil import sha256_file, write_json_atomic
+from dbr_builder.errors import UserError
 
 LOCK_NAME = ".dbr-download.lock.json"
 # torchvision ImageFolder's extensions (case-insensitive), as DomainBed reads the tree.

@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core.fsutil import read_parquet
+from dbr_builder.errors import UserError
+
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -60,8 +63,6 @@ def manifest_paths(workdir: str | Path, dataset: str) -> tuple[Path, Path, Path]
 
 def load_manifest(workdir: str | Path, dataset: str):
     """Load ``W/manifest/<dataset>.parquet`` and its meta; clear error if ``dbr index`` has not run."""
-    from dbr_builder.fsutil import read_parquet
-
     parquet, meta_path, _ = manifest_paths(workdir, dataset)
     if not parquet.exists() or not meta_path.exists():
         raise FileNotFoundError(
@@ -72,8 +73,6 @@ def load_manifest(workdir: str | Path, dataset: str):
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        from dbr_builder.cli import UserError
-
         raise UserError(f"{meta_path}: corrupt manifest metadata ({e}); {remedy}") from None
     return df, meta
 

@@ -15,10 +15,22 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dbr_builder.chains import FIELDS
+from dbr_builder.core.chains import FIELDS
+from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.core.workdir import reports_dir
 
 if TYPE_CHECKING:
     import polars as pl
+
+
+CHARS_PER_TOKEN = 4
+
+
+def approx_tokens(text: pl.Expr) -> pl.Expr:
+    """Approximate token count of a string column: ceil(characters / 4); 0 for null."""
+    import polars as pl
+
+    return ((text.str.len_chars().fill_null(0) + (CHARS_PER_TOKEN - 1)) // CHARS_PER_TOKEN).cast(pl.Int64)
 
 
 def _rate(a: int, b: int) -> float | None:
@@ -89,7 +101,6 @@ def compute_stats(ev: pl.DataFrame, manifest: pl.DataFrame, kept: pl.DataFrame) 
     zs_all = _rate(int(zs.get_column("correct").sum()), int(zs.get_column("images").sum()))
 
     lengths: dict[str, Any] = {}
-    from dbr_builder.filter import approx_tokens
 
     words = kept.select([approx_tokens(pl.col(f)).alias(f) for f in FIELDS]) \
         .with_columns(total=pl.sum_horizontal(FIELDS))
@@ -189,7 +200,6 @@ def write_charts(out_dir: Path, stats: dict[str, Any]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dbr_builder.fsutil import atomic_path
 
     written = []
 
@@ -235,14 +245,12 @@ def write_charts(out_dir: Path, stats: dict[str, Any]) -> list[Path]:
 
 def report_dir(workdir: str | Path, dataset: str) -> Path:
     """``W/reports/<Dataset>``."""
-    return Path(workdir) / "reports" / dataset
+    return reports_dir(workdir, dataset)
 
 
 def write_report(workdir: str | Path, dataset: str, ev: pl.DataFrame, manifest: pl.DataFrame,
                  kept: pl.DataFrame, rationalized: int = 0, charts: bool = True) -> dict[str, Any]:
     """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats."""
-    from dbr_builder.fsutil import write_json_atomic, write_text_atomic
-
     stats = compute_stats(ev, manifest, kept)
     stats["dataset"] = dataset
     stats["rationalized_images"] = rationalized

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.errors import UserError
+
 COLUMNS = (
     "request_key", "image_id", "prompt_name", "prompt_id", "model", "params",
     "sample_index", "text", "finish_reason", "out_tokens", "error",
@@ -131,8 +133,6 @@ def store_files(workdir: str | os.PathLike[str], dataset: str) -> list[Path]:
 
 def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Exception:
     """The user-facing error for a store file that is not a readable SQLite store."""
-    from dbr_builder.cli import UserError
-
     remedy = remedy or (f"move it away (e.g. `mv {path} {path}.bad`) and rerun `dbr generate`, "
                         "which regenerates what it held")
     return UserError(f"{path}: not a usable generation store ({e}); {remedy}")

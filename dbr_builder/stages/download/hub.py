@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dbr_builder.cli import UserError
-from dbr_builder.download.http import DownloadError
-from dbr_builder.download.registry import DatasetSpec, Source
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download.http import DownloadError
+from dbr_builder.stages.download.registry import DatasetSpec, Source
 
 
 class MirrorError(UserError):

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.cli import UserError
+from dbr_builder.errors import UserError
 
 
 def merge_annotations(files: Iterable[Path]) -> dict[str, list[Any]]:

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.cli import UserError
-from dbr_builder.download.terra import build_terra
+from dbr_builder.errors import UserError
+from dbr_builder.stages.download.terra import build_terra
 
 
 class LayoutError(UserError):

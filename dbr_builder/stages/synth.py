@@ -15,43 +15,24 @@ import hashlib
 import json
 import math
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from dbr_builder.fsutil import write_json_atomic
-
-DATASET = "SynthShapes"
-DOMAINS = ("cartoon", "painting", "photo", "sketch")
-# class -> (number of outer corners, description of its structure)
-CLASSES: dict[str, tuple[int, str]] = {
-    "circle": (0, "a single smooth curved edge and no corners"),
-    "hexagon": (6, "six straight sides of equal length and six corners"),
-    "pentagon": (5, "five straight sides of equal length and five corners"),
-    "square": (4, "four straight sides of equal length and four right-angle corners"),
-    "star": (10, "five pointed tips and five inner notches, ten straight edges in all"),
-    "triangle": (3, "three straight sides and three corners"),
-}
-STYLES = {
-    "cartoon": "a cartoon drawing with flat colours and a thick black outline",
-    "painting": "a painting with visible brush strokes and blended colour dabs",
-    "photo": "a photo-like rendering with shading, a soft shadow and a textured background",
-    "sketch": "a pencil sketch in grey strokes with hatching on white paper",
-}
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 40, 40), "orange": (240, 140, 30), "yellow": (235, 205, 40), "green": (50, 160, 60),
-    "blue": (40, 90, 210), "purple": (130, 60, 170), "pink": (235, 120, 170), "brown": (130, 80, 40),
-    "teal": (30, 150, 150), "gray": (120, 120, 120),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "cream": (245, 235, 210), "sky blue": (180, 215, 240), "mint": (200, 235, 210), "lavender": (220, 210, 240),
-    "sand": (225, 205, 170), "light gray": (215, 215, 215), "peach": (250, 215, 190),
-}
-META_FILE = "synth.json"
-SCENES_FILE = "scenes.jsonl"
+from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
+from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
+    BACKGROUNDS,
+    CLASSES,
+    COLORS,
+    DATASET,
+    DOMAINS,
+    META_FILE,
+    SCENES_FILE,
+    STYLES,
+    load_scenes,
+)
+from dbr_builder.errors import UserError
 
 
 def _rng(*key: Any) -> random.Random:
@@ -189,9 +170,7 @@ def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, imag
     meta_path = dest / META_FILE
     if not force and meta_path.exists() and json.loads(meta_path.read_text()) == params:
         return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET}.", dir=root))
-    try:
+    with atomic_dir(dest) as tmp:
         scenes = []
         jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
         from tqdm import tqdm
@@ -208,22 +187,7 @@ def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, imag
             for s in scenes:
                 f.write(json.dumps(s, sort_keys=True) + "\n")
         write_json_atomic(tmp / META_FILE, params)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
-
-
-def load_scenes(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Read ``scenes.jsonl`` of a SynthShapes tree: relative image path -> scene attributes."""
-    path = Path(dataset_dir) / SCENES_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no scene attributes; is this a SynthShapes tree? Run `dbr synth` first")
-    with open(path, encoding="utf-8") as f:
-        return {s["path"]: s for s in map(json.loads, f)}
 
 
 # --- stage protocol -------------------------------------------------------------------------
@@ -257,8 +221,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.per_class < 1 or args.image_size < 32:
-        from dbr_builder.cli import UserError
-
         raise UserError("--per-class must be >= 1 and --image-size >= 32")
     dest = write_synthshapes(args.root, args.seed, args.per_class, args.image_size, force=args.force, progress=True)
     n = args.per_class * len(CLASSES) * len(DOMAINS)

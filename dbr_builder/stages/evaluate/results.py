@@ -28,6 +28,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.errors import ConfigError
+from dbr_builder.resources import resource_path
+
 ERROR_KINDS = ("se", "std")
 
 
@@ -138,8 +142,6 @@ def load_paper_table(path: str | Path | None = None) -> dict[str, Any]:
     """The paper's Table 1 rows from ``pipelines/paper_table1.yaml`` (or ``path``)."""
     import yaml
 
-    from dbr_builder.config import ConfigError
-    from dbr_builder.resources import resource_path
 
     p = Path(path) if path else resource_path("pipelines", "paper_table1.yaml")
     try:
@@ -291,7 +293,6 @@ def bar_chart(summary: dict[str, Any], ds: str, dest: str | Path, paper: dict[st
     matplotlib.use("Agg")  # no display; never pick an interactive backend
     import matplotlib.pyplot as plt
 
-    from dbr_builder.fsutil import atomic_path
 
     entry = summary["datasets"][ds]
     groups = [*entry["domains"], "Avg"]
@@ -328,8 +329,6 @@ def write_reports(records: Iterable[dict[str, Any]], out_dir: str | Path,
                   error: str = "se", title: str = "",
                   all_domains: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """Compute the tables from prediction records and write ``results.{json,md,tex}`` and ``<Dataset>.png``."""
-    from dbr_builder.fsutil import write_json_atomic, write_text_atomic
-
     out_dir = Path(out_dir)
     cells = cell_metrics(records)
     summary = summarize(cells, domains, error, all_domains)

@@ -1,0 +1,105 @@
+"""The work-directory layout, in one place.
+
+```
+W/raw/<Dataset>/<domain>/<class>/*        download / synth (default root)
+W/manifest/<Dataset>.parquet (+ .json)    index
+W/generations/<Dataset>/results*.sqlite   generate
+W/chains/<Dataset>.parquet (+ rejects)    filter
+W/reports/<Dataset>/                      filter statistics, generate usage
+W/hub/README.md + data/<Dataset>/...      publish
+W/runs/<run>/<Dataset>/<heldout>/seed<k>  train; W/runs/<run>/eval for eval
+W/models/                                 students built by the project (the tiny one)
+W/logs/                                   logs of cluster jobs
+W/.stamps/                                `dbr run` up-to-date stamps
+W/.locks/                                 per-stage locks
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PathLike = str | os.PathLike[str]
+
+
+def raw_dir(workdir: PathLike) -> Path:
+    """``W/raw``: the default download / synth root."""
+    return Path(workdir) / "raw"
+
+
+def manifest_dir(workdir: PathLike) -> Path:
+    """``W/manifest``."""
+    return Path(workdir) / "manifest"
+
+
+def generations_dir(workdir: PathLike, dataset: str) -> Path:
+    """``W/generations/<Dataset>``: the teacher's result store."""
+    return Path(workdir) / "generations" / dataset
+
+
+def chains_dir(workdir: PathLike) -> Path:
+    """``W/chains``."""
+    return Path(workdir) / "chains"
+
+
+def chains_path(workdir: PathLike, dataset: str) -> Path:
+    """``W/chains/<Dataset>.parquet``: one kept chain per image."""
+    return chains_dir(workdir) / f"{dataset}.parquet"
+
+
+def rejects_path(workdir: PathLike, dataset: str) -> Path:
+    """``W/chains/<Dataset>.rejects.parquet``: every rejected candidate with its reason."""
+    return chains_dir(workdir) / f"{dataset}.rejects.parquet"
+
+
+def reports_dir(workdir: PathLike, dataset: str) -> Path:
+    """``W/reports/<Dataset>``."""
+    return Path(workdir) / "reports" / dataset
+
+
+def hub_dir(workdir: PathLike) -> Path:
+    """``W/hub``: the Hub-layout dataset."""
+    return Path(workdir) / "hub"
+
+
+def runs_dir(workdir: PathLike, run: str) -> Path:
+    """``W/runs/<run>``."""
+    return Path(workdir) / "runs" / run
+
+
+def seed_dir(workdir: PathLike, run: str, dataset: str, heldout: str, seed: int) -> Path:
+    """``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>``: one LODO training unit."""
+    return runs_dir(workdir, run) / dataset / safe_split_name(heldout) / f"seed{seed}"
+
+
+def eval_dir(workdir: PathLike, run: str) -> Path:
+    """``W/runs/<run>/eval``."""
+    return runs_dir(workdir, run) / "eval"
+
+
+def models_dir(workdir: PathLike) -> Path:
+    """``W/models``."""
+    return Path(workdir) / "models"
+
+
+def logs_dir(workdir: PathLike) -> Path:
+    """``W/logs``."""
+    return Path(workdir) / "logs"
+
+
+def stamps_dir(workdir: PathLike) -> Path:
+    """``W/.stamps``."""
+    return Path(workdir) / ".stamps"
+
+
+def locks_dir(workdir: PathLike) -> Path:
+    """``W/.locks``."""
+    return Path(workdir) / ".locks"
+
+
+def safe_split_name(domain: str) -> str:
+    """A Hub-safe split / folder name for a domain (``Real World`` -> ``Real_World``)."""
+    name = re.sub(r"[^0-9A-Za-z_]+", "_", domain).strip("_")
+    return name or "split"
