@@ -44,11 +44,7 @@ class LayoutError(ValueError):
 def dataset_dir(root: str | Path, dataset: str) -> Path:
     """Folder of ``dataset`` under ``root`` (registry folder name when the download stage knows it)."""
     root = Path(root)
-    names = [dataset]
-    try:
-        names.insert(0, dataset_folder(dataset))
-    except ImportError:
-        pass
+    names = [dataset_folder(dataset), dataset]
     for name in dict.fromkeys(names):
         if (root / name).is_dir():
             return root / name

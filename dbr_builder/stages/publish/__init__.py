@@ -15,7 +15,6 @@ beside the old one and swapped in by rename, so a crash never leaves a half-writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -221,8 +220,3 @@ def load_card_yaml(hub: str | Path) -> dict[str, Any]:
     if not text.startswith("---\n"):
         raise ValueError(f"{hub}/README.md: no YAML header")
     return yaml.safe_load(text.split("---\n", 2)[1])
-
-
-def dump_json(obj: Any) -> str:
-    """Compact deterministic JSON (used in the card)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ": "))
