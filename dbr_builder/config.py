@@ -154,7 +154,8 @@ def load_stage_config(path: str | os.PathLike[str], stage: str) -> dict[str, Any
         pipe = load_pipeline(path)
         for st in pipe["stages"]:
             if st["stage"] == stage:
-                merged = {k: v for k, v in pipe.items() if k not in ("stages", "name", "description")}
+                # `executor:` says where stages run, not what they compute
+                merged = {k: v for k, v in pipe.items() if k not in ("stages", "name", "description", "executor")}
                 merged.update(st)
                 return merged
         raise ConfigError(f"{path}: pipeline has no `{stage}` stage")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from dbr_builder import launch
 from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
@@ -123,9 +126,21 @@ def run_pipeline(
     until: str | None = None,
     force: bool = False,
     log=print,
+    executor: launch.ExecutorConfig | str | None = None,
+    resume_cmd: str | None = None,
 ) -> dict[str, Any]:
-    """Run a pipeline config; return ``{unit label: "ran" | "skipped" | "not selected"}``."""
+    """Run a pipeline config; return ``{unit label: "ran" | "skipped" | "not selected"}``.
+
+    ``executor`` (an :class:`~dbr_builder.launch.ExecutorConfig` or a kind: inline, local, slurm;
+    default: the config's ``executor:`` section, else inline) decides where the unit stages
+    (generate, train, eval) run; every other stage runs in this process.
+    """
     pipe = load_pipeline(path)
+    if not isinstance(executor, launch.ExecutorConfig):
+        executor = launch.executor_config(pipe.get("executor"), executor)
+    resume_cmd = resume_cmd or f"dbr run {shlex.quote(str(path))}" + (
+        f" --workdir {shlex.quote(str(workdir))}" if workdir else "") + (
+        f" --executor {executor.kind}" if executor.kind != "inline" else "")
     wd = Path(workdir or pipe.get("workdir") or "work")
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
@@ -161,7 +176,10 @@ def run_pipeline(
             t0 = time.perf_counter()
             if stamp_file.exists():
                 stamp_file.unlink()  # a crash mid-stage must not leave a stale "fresh" stamp
-            summary = mod.run(unit.cfg, wd)
+            if executor.kind != "inline" and unit.stage in launch.UNIT_STAGES:
+                summary = launch.run_units(unit.name, unit.stage, unit.cfg, wd, key, executor, resume_cmd, log)
+            else:
+                summary = mod.run(unit.cfg, wd)
             write_json_atomic(
                 stamp_file,
                 {"key": key, "outputs": tree_fingerprint(out_paths), "summary": summary,
@@ -183,10 +201,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (by name or kind)")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage (by name or kind)")
     p.add_argument("--force", action="store_true", help="rerun selected stages even if up to date")
+    p.add_argument("--executor", choices=launch.KINDS,
+                   help="where generate/train/eval units run: inline (this process), local (one process per "
+                        "unit), slurm (one job-array task per unit); default: the config's executor.kind, else inline")
+    p.add_argument("--slurm", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="Slurm option, repeatable, over the config's executor.slurm (e.g. --slurm partition=gpu "
+                        "--slurm account=lab --slurm qos=high)")
+    p.add_argument("--resource", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="job resource, repeatable, over executor.resources: timeout_min, mem_gb, cpus_per_task, "
+                        "gpus_per_node, tasks_per_node, nodes")
+    p.add_argument("--shards", type=int, help="generate: shards (jobs) per dataset (over executor.shards)")
+    p.add_argument("--max-parallel", type=int, help="units running at once (over executor.max_parallel)")
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    import yaml
+
+    k, eq, v = text.partition("=")
+    if not eq or not k:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return k, yaml.safe_load(v) if v else v  # numbers and booleans as YAML reads them
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force)
+    pipe = load_pipeline(args.pipeline)
+    ex = launch.executor_config(pipe.get("executor"), args.executor, dict(args.slurm), dict(args.resource),
+                                args.shards, args.max_parallel)
+    resume = "dbr " + shlex.join(["run", *sys.argv[2:]]) if len(sys.argv) > 2 and sys.argv[1] == "run" else None
+    report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force,
+                          executor=ex, resume_cmd=resume)
     ran = sum(v == "ran" for v in report.values())
     skipped = sum(v == "skipped" for v in report.values())
     print(f"pipeline done: {ran} ran, {skipped} up to date")

@@ -19,9 +19,10 @@ LAYERS: list[tuple[str, int]] = [
     ("dbr_builder.backends", 2),
     ("dbr_builder.stages", 3),
     ("trainers", 3),
-    ("dbr_builder.pipeline", 4),
-    ("dbr_builder.cli", 5),
-    ("dbr_builder.__main__", 6),
+    ("dbr_builder.launch", 4),  # runs stage units as submitit jobs; pipeline calls it
+    ("dbr_builder.pipeline", 5),
+    ("dbr_builder.cli", 6),
+    ("dbr_builder.__main__", 7),
     ("dbr_builder", 0),  # the package itself (__version__)
 ]
 

@@ -394,27 +394,81 @@ def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork
 # stage protocol
 
 
-def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Train every (dataset, held-out domain, trial seed) of the config; return their selections."""
+def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
     c = _cfg(cfg)
     if c["finetune"] not in ("lora", "full"):
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
-    workdir = Path(workdir)
     check_student(c["student"])
+    return c
+
+
+def _heldouts(c: dict[str, Any], ds: str, by_domain: dict[str, list]) -> list[str]:
+    held = c["heldout"]
+    held = list(by_domain) if held is None else ([held] if isinstance(held, str) else list(held))
+    unknown = [h for h in held if h not in by_domain]
+    if unknown:  # before any run folder is made
+        raise ConfigError(f"train.heldout: {', '.join(map(repr, unknown))} not a domain of {ds} "
+                          f"(domains: {', '.join(by_domain)})")
+    return held
+
+
+def _unit_summary(sj: dict[str, Any]) -> dict[str, Any]:
+    return {"selected": sj["selected_stage"], "val": sj["val_accuracy"]}
+
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Train every (dataset, held-out domain, trial seed) of the config; return their selections."""
+    c = _checked(cfg)
+    workdir = Path(workdir)
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)
-        held = c["heldout"]
-        held = list(by_domain) if held is None else ([held] if isinstance(held, str) else list(held))
-        unknown = [h for h in held if h not in by_domain]
-        if unknown:  # before any run folder is made
-
-            raise ConfigError(f"train.heldout: {', '.join(map(repr, unknown))} not a domain of {ds} "
-                              f"(domains: {', '.join(by_domain)})")
-        for h in held:
+        for h in _heldouts(c, ds, by_domain):
             for seed in c["trial_seeds"]:
                 sj = train_one(c, workdir, ds, h, int(seed), by_domain)
-                summary[f"{ds}/{h}/seed{seed}"] = {"selected": sj["selected_stage"], "val": sj["val_accuracy"]}
+                summary[f"{ds}/{h}/seed{seed}"] = _unit_summary(sj)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# units for `dbr run --executor local|slurm` (dbr_builder.launch): one job per (dataset, held-out, seed)
+
+
+def job_units(cfg: dict[str, Any], workdir: Path, opts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The LODO units of the config, each ``{"id", "dataset", "heldout", "seed"}`` (checked before any job)."""
+    c = _checked(cfg)
+    if c["student"] == "tiny":
+        resolve_student("tiny", Path(workdir))  # build it once here, not in every unit job at the same time
+    units = []
+    for ds in _datasets(c):
+        by_domain = load_published(_data_source(c, Path(workdir)), ds)
+        for h in _heldouts(c, ds, by_domain):
+            for seed in c["trial_seeds"]:
+                units.append({"id": f"{ds}-{wdl.safe_split_name(h)}-seed{int(seed)}", "dataset": ds,
+                              "heldout": h, "seed": int(seed)})
+    return units
+
+
+def run_unit(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> dict[str, Any]:
+    """Train one unit (MTCT, SARR rounds, selection); under several processes each runs this as one rank."""
+    c = _checked(cfg)
+    by_domain = load_published(_data_source(c, Path(workdir)), unit["dataset"])
+    sj = train_one(c, Path(workdir), unit["dataset"], unit["heldout"], int(unit["seed"]), by_domain)
+    return _unit_summary(sj)
+
+
+def unit_outputs(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> list[Path]:
+    """The unit's run folder ``W/runs/<run>/<Dataset>/<heldout>/seed<k>``."""
+    return [seed_dir(Path(workdir), _cfg(cfg)["run"], unit["dataset"], unit["heldout"], int(unit["seed"]))]
+
+
+def collect(cfg: dict[str, Any], workdir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stage summary once every unit has ended (the same shape as :func:`run` returns)."""
+    summary: dict[str, Any] = {}
+    for unit in job_units(cfg, workdir):
+        out = unit_outputs(cfg, workdir, unit)[0] / "final" / "student.json"
+        summary[f"{unit['dataset']}/{unit['heldout']}/seed{unit['seed']}"] = _unit_summary(
+            json.loads(out.read_text()))
     return summary
 
 

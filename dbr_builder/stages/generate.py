@@ -324,18 +324,56 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
         missing = sorted(set(wanted) - set(df["image_id"].to_list()))
         raise KeyError(f"{len(missing)} image id(s) not in the {dataset} manifest, e.g. {missing[:3]}")
     jobs = build_jobs(df, meta, prompt_name)
-    backend = (make_backend(teacher_spec, **(c.get("teacher_options") or {}))
-               if isinstance(teacher_spec, str) else teacher_spec)
-    with Store(shard_file(workdir, dataset)) as st:
-        summary = run_jobs(st, backend, jobs, int(n), _sampling(c), batch_size=int(c["batch_size"]),
-                           passes=int(c["passes"]), max_pixels=c.get("max_pixels"), prep_workers=c.get("prep_workers"),
-                           progress=bool(c.get("progress", True)), desc=f"{prompt_name} {dataset}")
+    owned = isinstance(teacher_spec, str)
+    backend = make_backend(teacher_spec, **(c.get("teacher_options") or {})) if owned else teacher_spec
+    try:
+        with Store(shard_file(workdir, dataset)) as st:
+            summary = run_jobs(st, backend, jobs, int(n), _sampling(c), batch_size=int(c["batch_size"]),
+                               passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
+                               prep_workers=c.get("prep_workers"), progress=bool(c.get("progress", True)),
+                               desc=f"{prompt_name} {dataset}")
+    finally:
+        close = getattr(backend, "close", None) if owned else None
+        if close is not None:
+            close()  # an engine built here is torn down here (its GPU memory back before the next stage)
     return {"dataset": dataset, "prompt": prompt_name, **summary}
 
 
 def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
     """The dataset's store folder (all shard files, the merged file and run summaries)."""
     return [store_dir(workdir, cfg["dataset"])]
+
+
+# --- units for `dbr run --executor local|slurm` (dbr_builder.launch): one job per shard ----------
+
+def job_units(cfg: dict[str, Any], workdir: Path, opts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The shards to run as separate jobs: the config's ``num_shards``, else the executor's ``shards``."""
+    c = _full_cfg(cfg)
+    n = int(c["num_shards"]) if int(c["num_shards"]) > 1 else int((opts or {}).get("shards") or 1)
+    if n < 1:
+        raise ConfigError(f"generate: shards={n}; expected >= 1")
+    return [{"id": f"{c['dataset']}-shard{i:05d}-of-{n:05d}", "shard": i, "num_shards": n} for i in range(n)]
+
+
+def run_unit(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> dict[str, Any]:
+    """Generate one shard into its own store file (resumes from what that file already holds)."""
+    return run({**cfg, "shard": unit["shard"], "num_shards": unit["num_shards"], "merge": False,
+                "progress": False}, workdir)
+
+
+def unit_outputs(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> list[Path]:
+    """The shard's summary file (its store file is folded into ``results.sqlite`` and removed by the merge)."""
+    return [summary_file(Path(workdir), cfg["dataset"], int(unit["shard"]), int(unit["num_shards"]))]
+
+
+def collect(cfg: dict[str, Any], workdir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Once every shard has ended: merge the shard stores into ``results.sqlite``; sum the shard summaries."""
+    workdir = Path(workdir)
+    merged = merge_dataset(workdir, cfg["dataset"])
+    keys = ("images", "candidates_wanted", "already_done", "generated", "requests_sent", "out_tokens",
+            "failed_images")
+    total = {k: sum(int(r.get(k) or 0) for r in results.values()) for k in keys}
+    return {"dataset": cfg["dataset"], "shards": len(results), **total, "merge": merged}
 
 
 # --- CLI -------------------------------------------------------------------------------------

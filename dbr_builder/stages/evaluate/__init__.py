@@ -413,8 +413,17 @@ def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
     return Path(workdir) / "runs" / (cfg.get("run") or "eval") / "eval"
 
 
-def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
-    """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
+@dataclass
+class Plan:
+    """What an eval config evaluates: the loaded datasets and the expanded jobs."""
+
+    data: dict[str, DatasetData]
+    jobs: list[Job]
+    eval_dir: Path
+
+
+def plan(cfg: dict[str, Any], workdir: str | Path, log=print) -> Plan:
+    """Load the datasets the config evaluates and expand its jobs (errors before any answer is generated)."""
     workdir = Path(workdir)
     names = _datasets_of(cfg, workdir)
     if cfg.get("students", True) and not cfg.get("models"):
@@ -430,11 +439,14 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
                 f"no trained students under {run_dir}/<Dataset>/<heldout>/seed<k>/final/student.json for "
                 f"{', '.join(skipped)}; run `dbr train` first, or list baseline `models:` in the eval config")
     data = _load_datasets(workdir, names)
-    domains = {ds: d.domains for ds, d in data.items()}
-    jobs = plan_jobs(cfg, workdir, domains)
+    jobs = plan_jobs(cfg, workdir, {ds: d.domains for ds, d in data.items()})
     if not jobs:
         raise ConfigError("eval: nothing to evaluate (no students matched and no `models:` given)")
-    eval_dir = eval_dir_of(cfg, workdir)
+    return Plan(data, jobs, eval_dir_of(cfg, workdir))
+
+
+def generate_answers(cfg: dict[str, Any], p: Plan, jobs: Sequence[Job], progress: bool = True) -> dict[str, int]:
+    """Generate the missing answers of ``jobs``, one backend per model at a time (closed before the next)."""
     stats = {"jobs": len(jobs), "generated": 0, "errors": 0}
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:
@@ -457,29 +469,87 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
                     raise ConfigError(f"eval: model {redact_spec(spec)!r}: {e}") from None
             return holder["b"]
 
-        for job in group:
-            path = job_file(eval_dir, job, cfg)
-            if not path.with_suffix(".job.json").exists():
-                write_json_atomic(path.with_suffix(".job.json"),
-                                  {"job": asdict(job), "fingerprint": job_fingerprint(job, cfg)})
-            st = run_job(job, factory, cfg, data[job.dataset], path, progress)
-            stats["generated"] += st["generated"]
-            stats["errors"] += st["errors"]
-        if "b" in holder:
-            _free(holder.pop("b"))
-    records = collect_records(jobs, cfg, data, eval_dir)
+        try:
+            for job in group:
+                path = job_file(p.eval_dir, job, cfg)
+                if not path.with_suffix(".job.json").exists():
+                    write_json_atomic(path.with_suffix(".job.json"),
+                                      {"job": asdict(job), "fingerprint": job_fingerprint(job, cfg)})
+                st = run_job(job, factory, cfg, p.data[job.dataset], path, progress)
+                stats["generated"] += st["generated"]
+                stats["errors"] += st["errors"]
+        finally:
+            if "b" in holder:
+                _free(holder.pop("b"))
+    return stats
+
+
+def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
+    """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
+    p = plan(cfg, workdir, log)
+    stats = generate_answers(cfg, p, p.jobs, progress)
+    return _report(cfg, p, stats, log)
+
+
+def _report(cfg: dict[str, Any], p: Plan, stats: dict[str, int], log=print) -> dict[str, Any]:
+    """Score every job's stored answers and write the result tables."""
+    jobs = p.jobs
+    domains = {ds: d.domains for ds, d in p.data.items()}
+    records = collect_records(jobs, cfg, p.data, p.eval_dir)
     paper = load_paper_table(cfg.get("paper_table")) if cfg.get("compare_paper", True) else None
     # table columns: the domains some job held out (all of them unless heldout_domains narrows it)
     evaluated = {ds: [d for d in doms if any(j.dataset == ds and j.heldout == d for j in jobs)]
                  for ds, doms in domains.items()}
     evaluated = {ds: doms for ds, doms in evaluated.items() if doms}
-    paths = write_reports(records, eval_dir, evaluated, paper, cfg.get("error", "se"),
+    paths = write_reports(records, p.eval_dir, evaluated, paper, cfg.get("error", "se"),
                           title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`",
                           all_domains=domains)
     log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
         log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
     return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+# ---------------------------------------------------------------- units for `dbr run --executor local|slurm`
+# (dbr_builder.launch): one job per (dataset, held-out domain, trial seed); tables once all have ended.
+
+
+def _unit_id(job: Job) -> str:
+    return f"{safe_name(job.dataset)}-{safe_name(job.heldout)}-seed{job.trial_seed}"
+
+
+def job_units(cfg: dict[str, Any], workdir: str | Path, opts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One unit per (dataset, held-out domain, trial seed) that some job evaluates."""
+    units: dict[str, dict[str, Any]] = {}
+    for job in plan(cfg, workdir, log=lambda *_: None).jobs:
+        units.setdefault(_unit_id(job), {"id": _unit_id(job), "dataset": job.dataset, "heldout": job.heldout,
+                                         "trial_seed": job.trial_seed})
+    return list(units.values())
+
+
+def _unit_jobs(p: Plan, unit: dict[str, Any]) -> list[Job]:
+    return [j for j in p.jobs if _unit_id(j) == unit["id"]]
+
+
+def run_unit(cfg: dict[str, Any], workdir: str | Path, unit: dict[str, Any]) -> dict[str, Any]:
+    """Generate the answers of one unit's jobs (every model and mode on that held-out domain and seed)."""
+    p = plan(cfg, workdir, log=lambda *_: None)
+    return generate_answers(cfg, p, _unit_jobs(p, unit), progress=False)
+
+
+def unit_outputs(cfg: dict[str, Any], workdir: str | Path, unit: dict[str, Any]) -> list[Path]:
+    """The unit's prediction files."""
+    p = plan(cfg, workdir, log=lambda *_: None)
+    return [job_file(p.eval_dir, j, cfg) for j in _unit_jobs(p, unit)]
+
+
+def collect(cfg: dict[str, Any], workdir: str | Path, results: dict[str, dict[str, Any]],
+            log=print) -> dict[str, Any]:
+    """Once every unit has ended: score all stored answers and write the tables (generates nothing)."""
+    p = plan(cfg, workdir, log)
+    stats = {"jobs": len(p.jobs), "generated": sum(int(r.get("generated") or 0) for r in results.values()),
+             "errors": sum(int(r.get("errors") or 0) for r in results.values())}
+    return _report(cfg, p, stats, log)
 
 
 def outputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
