@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # CPU/CUDA torch wheels; override e.g. TORCH_PKGS="torch==2.14.0 torchvision==0.29.0" to match vLLM.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 WORKDIR ?= work/domainbed
+# make build-dataset EXECUTOR=slurm|local: one job per generation shard (docs/scaling.md)
+EXECUTOR ?=
 DEMO_WORKDIR ?= work/demo
 PYTEST_ARGS ?=
 
@@ -40,7 +42,7 @@ demo: $(VENV)/.installed  ## the whole pipeline offline on the embedded SynthSha
 	$(BIN)/dbr run pipelines/demo.yaml --workdir $(DEMO_WORKDIR)
 
 build-dataset: $(VENV)/.installed-vllm  ## build DomainBed-Reasoning (GPU + vLLM); pushes when DBR_HUB_REPO is set
-	$(BIN)/dbr run pipelines/domainbed_reasoning.yaml --workdir $(WORKDIR)
+	$(BIN)/dbr run pipelines/domainbed_reasoning.yaml --workdir $(WORKDIR) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
 train: $(VENV)/.installed  ## fine-tune students with MTCT + SARR (paper recipe, GPU)
 	$(BIN)/dbr train --config pipelines/train_mtct_sarr.yaml --workdir $(WORKDIR)

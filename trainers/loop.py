@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dbr_builder.core.fsutil import atomic_dir
+from dbr_builder.errors import UserError
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
 
@@ -215,6 +216,12 @@ def train_stage(
     from transformers import get_scheduler
 
     accelerator = Accelerator(mixed_precision=lc.mixed_precision())
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # Checkpoints and stage folders save named_parameters() of the unwrapped model on rank 0;
+        # under FSDP/ZeRO those are shards, so what was saved would not be the trained model.
+        raise UserError(f"training under {accelerator.distributed_type.name} is not supported (checkpoints would "
+                        "hold parameter shards); launch data-parallel instead: `accelerate launch --num_processes "
+                        "N` or `torchrun` without FSDP/DeepSpeed options")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -115,7 +115,12 @@ def generate_with_backend(
                                                 {"type": "text", "text": encoder.q_reason}],
             n=sc.n, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p, seed=seed,
         ))
-    results = {r.key: r for r in backend.generate(reqs)}
+    try:
+        results = {r.key: r for r in backend.generate(reqs)}
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()  # release the engine before training resumes on the same GPU
     return [list(results[r.key].texts) if r.key in results else [] for r in reqs]
 
 
