@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.config import add_option, flags_of, options_from_args, resolve, validate_options
 from dbr_builder.core.fsutil import swap_dir
 from dbr_builder.errors import UserError
-from dbr_builder.stages.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
+from dbr_builder.stages.download.extract import Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
 from dbr_builder.stages.download.hub import MirrorError
 from dbr_builder.stages.download.layouts import LayoutError
@@ -62,8 +63,8 @@ def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 
 def _options(cfg: dict[str, Any]) -> FetchOptions:
-    return FetchOptions(timeout=float(cfg.get("timeout", 10.0)), retries=int(cfg.get("retries", 3)),
-                        progress=True)
+    o = resolve("download", cfg)
+    return FetchOptions(timeout=float(o.timeout), retries=int(o.retries), progress=True)
 
 
 def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dict[str, Any]:
@@ -88,12 +89,11 @@ def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dic
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Make ``ROOT/<folder>`` hold the dataset; no network work when it is already complete."""
+    cfg = resolve("download", cfg)
     spec = get_dataset(cfg["dataset"], cfg.get("registry"))
     root = _root(cfg, workdir)
     dest = root / spec.folder
-    strict = bool(cfg.get("strict", False))
-    force = bool(cfg.get("force", False))
-    dups = bool(cfg.get("check_duplicates", True))
+    strict, force, dups = bool(cfg.strict), bool(cfg.force), bool(cfg.check_duplicates)
     lock = Lock.load(root)
     rec = lock.data["datasets"].get(spec.name)
 
@@ -114,7 +114,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise UserError(f"{dest} exists but is incomplete (no images for {', '.join(missing)}); "
                         "move it away or rerun with --force to rebuild it")
 
-    budget = Budget(parse_size(cfg.get("max_extract_bytes") or DEFAULT_MAX_EXTRACT_BYTES))
+    budget = Budget(parse_size(cfg.max_extract_bytes))
     opts = _options(cfg)
     if cfg.get("from"):
         attempts: list[Any] = ["--from"]
@@ -198,27 +198,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="registry name: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet")
     p.add_argument("--root", default="work/raw", help="data root; the dataset lands in ROOT/<DomainBed folder> "
                    "(default: work/raw)")
-    p.add_argument("--source", help="use only this registry source (e.g. domainbed, hf-flwrlabs, lila)")
-    p.add_argument("--from", dest="from_", metavar="PATH_OR_URL",
-                   help="a local archive, folder or parquet file, or a URL, instead of the registry sources")
-    p.add_argument("--strict", action="store_true", help="per-domain count mismatches are errors")
-    p.add_argument("--force", action="store_true", help="rebuild ROOT/<folder> even if it exists")
-    p.add_argument("--registry", help="dataset registry YAML (default: pipelines/datasets.yaml)")
-    p.add_argument("--max-extract-bytes", default=None,
-                   help=f"total extracted size limit, e.g. 300G (default {DEFAULT_MAX_EXTRACT_BYTES // 1024**3}G)")
-    p.add_argument("--timeout", type=float, default=10.0, help="HTTP connect/read timeout in seconds (default 10)")
-    p.add_argument("--retries", type=int, default=3, help="retries per file on transient errors (default 3)")
-    p.add_argument("--delete-archives", action="store_true", help="delete downloaded archives after the build")
-    p.add_argument("--no-duplicate-check", dest="check_duplicates", action="store_false",
-                   help="skip the exact-duplicate report (hashes files sharing a size)")
+    add_option(p, "download", "source")
+    add_option(p, "download", "from", "--from", metavar="PATH_OR_URL")
+    add_option(p, "download", "strict", action="store_true")
+    add_option(p, "download", "force", action="store_true")
+    for key in ("registry", "max_extract_bytes", "timeout", "retries"):
+        add_option(p, "download", key)
+    add_option(p, "download", "delete_archives", action="store_true")
+    add_option(p, "download", "check_duplicates", "--no-duplicate-check", action="store_false",
+               help="skip the exact-duplicate report (hashes files sharing a size)")
 
 
 def main(args: argparse.Namespace) -> int:
     """``dbr download DATASET --root ROOT ...``"""
-    cfg = {"dataset": args.dataset, "root": args.root, "source": args.source, "from": args.from_,
-           "strict": args.strict, "force": args.force, "registry": args.registry,
-           "max_extract_bytes": args.max_extract_bytes, "timeout": args.timeout, "retries": args.retries,
-           "delete_archives": args.delete_archives, "check_duplicates": args.check_duplicates}
-    cfg = {k: v for k, v in cfg.items() if v is not None}
+    cfg = {"dataset": args.dataset, "root": args.root, **options_from_args(args)}
+    validate_options(cfg, "download", "command line", flags_of(args))
     run(cfg, Path("work"))
     return 0
