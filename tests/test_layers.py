@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lower number = lower layer
 LAYERS: list[tuple[str, int]] = [
     ("dbr_builder.errors", 0),
+    ("dbr_builder.log", 0),
     ("dbr_builder.resources", 0),
     ("dbr_builder.config", 0),
     ("dbr_builder.core", 1),

@@ -20,6 +20,7 @@ from dbr_builder.config import schema_defaults
 from dbr_builder.core.answers import match_class
 from dbr_builder.core.chains import parse_chain
 from dbr_builder.core.fsutil import write_text_atomic
+from dbr_builder.log import show_progress
 from trainers.data import Example, SampleEncoder, load_image
 
 NO_CORRECT = ("keep_teacher", "drop")
@@ -72,7 +73,8 @@ def generate_with_model(
     was_training = model.training
     model.eval()
     try:
-        for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch"):
+        for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch",
+                       disable=not show_progress()):
             chunk = examples[lo : lo + sc.batch_size]
             text = [encoder.prompt_text(encoder.q_reason)] * len(chunk)
             enc = encoder.processor(

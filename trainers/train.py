@@ -27,6 +27,7 @@ from dbr_builder.config import (
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import get_logger
 from trainers import sarr as sarr_mod
 from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
@@ -36,6 +37,8 @@ PER_DATASET = False
 STAGE = "train"
 
 VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mlp1).*"
+
+logger = get_logger(__name__)
 
 
 def _cfg(cfg: dict[str, Any]) -> Options:
@@ -221,9 +224,10 @@ def check_run_settings(out: Path, c: dict[str, Any]) -> None:
 
 def train_one(
     c: dict[str, Any], workdir: Path, dataset: str, heldout: str, seed: int,
-    by_domain: dict[str, list], log: Any = print,
+    by_domain: dict[str, list], log: Any = None,
 ) -> dict[str, Any]:
     """MTCT, SARR rounds and model selection for one held-out domain and seed."""
+    log = log or logger.info
     import torch
     from accelerate import PartialState
 

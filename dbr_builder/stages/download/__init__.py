@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from dbr_builder.config import add_option, flags_of, options_from_args, resolve, validate_options
 from dbr_builder.core.fsutil import swap_dir
 from dbr_builder.errors import UserError
+from dbr_builder.log import get_logger
 from dbr_builder.stages.download.extract import Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
 from dbr_builder.stages.download.hub import MirrorError
@@ -43,6 +43,8 @@ __all__ = ["PER_DATASET", "add_arguments", "main", "run", "outputs", "inputs", "
 # Errors after which the next source is worth trying; anything else (checksum mismatch against
 # the lock file, an unsafe archive, the size limit) stops the run so the user can look at it.
 _FALLBACK_ERRORS = (DownloadError, CorruptArchive, LayoutError, MirrorError)
+
+log = get_logger(__name__)
 
 
 def _root(cfg: dict[str, Any], workdir: Path) -> Path:
@@ -72,17 +74,17 @@ def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dic
     counts, classes = count_tree(dest, list(spec.domains))
     table, problems = count_report(f"{spec.name} ({dest})", spec.domains, counts, classes, spec.classes,
                                    spec.num_classes)
-    print(table)
+    log.info(table)
     for p in problems:
-        print(f"warning: {spec.name} {p}", file=sys.stderr)
+        log.warning(f"{spec.name} {p}")
     if problems and strict:
         raise CountMismatch(f"{dest}: the tree does not match the registry ({'; '.join(problems)}); "
                             "rerun without --strict to accept it")
     dups: list[list[str]] = find_duplicates(dest) if duplicates else []
     if dups:
         extra = sum(len(g) - 1 for g in dups)
-        print(f"note: {spec.name}: {len(dups)} groups of byte-identical files ({extra} redundant), e.g. "
-              f"{dups[0][:2]}", file=sys.stderr)
+        log.warning(f"{spec.name}: {len(dups)} groups of byte-identical files ({extra} redundant), e.g. "
+                    f"{dups[0][:2]}")
     return {"counts": counts, "problems": problems, "duplicate_groups": len(dups),
             "duplicates": dups[:50]}
 
@@ -100,12 +102,12 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     if dest.exists() and not force:
         counts, _ = count_tree(dest, list(spec.domains))
         if rec and rec.get("complete") and rec.get("counts") == counts:
-            print(f"{spec.name}: {dest} is complete ({sum(counts.values())} images); nothing to do")
+            log.info(f"{spec.name}: {dest} is complete ({sum(counts.values())} images); nothing to do")
             return {"dataset": spec.name, "path": str(dest), "status": "up to date", "counts": counts,
                     "source": rec.get("source"), "bytes_downloaded": 0}
         if all(counts.get(d, 0) > 0 for d in spec.domains):
             # A tree the user already has (or one whose files changed): check it, no network.
-            print(f"{spec.name}: using the existing tree {dest}")
+            log.info(f"{spec.name}: using the existing tree {dest}")
             check = _check(spec, dest, strict, dups)
             _record(lock, spec, dest, "existing tree", check, [])
             return {"dataset": spec.name, "path": str(dest), "status": "present", "bytes_downloaded": 0,
@@ -136,7 +138,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         new = staging / "out"  # becomes dest only once complete
         ctx = Context(spec, root, staging, lock, opts, budget)
         try:
-            print(f"{spec.name}: trying {label}" + (f" ({src.description})" if src != "--from" and src.description
+            log.info(f"{spec.name}: trying {label}" + (f" ({src.description})" if src != "--from" and src.description
                                                    else ""))
             if src == "--from":
                 used = build_from(ctx, cfg["from"], new)
@@ -152,7 +154,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
             _record(lock, spec, dest, used, check, ctx.artifacts)
             if cfg.get("delete_archives"):
                 shutil.rmtree(ctx.download_dir, ignore_errors=True)
-            print(f"{spec.name}: ready at {dest} (from {used}, {ctx.bytes_fetched} bytes downloaded, "
+            log.info(f"{spec.name}: ready at {dest} (from {used}, {ctx.bytes_fetched} bytes downloaded, "
                   f"{time.perf_counter() - t0:.1f}s)")
             return {"dataset": spec.name, "path": str(dest), "status": "built", "source": used,
                     "bytes_downloaded": ctx.bytes_fetched, "failed_sources": failures, **check}
@@ -161,9 +163,9 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 lock.save()  # keep the records of what was downloaded and verified
             msg = f"{label}: {e}"
             failures.append(msg)
-            print(f"{spec.name}: {msg}", file=sys.stderr)
+            log.warning(f"{spec.name}: {msg}")
             if src != attempts[-1]:
-                print(f"{spec.name}: trying the next source", file=sys.stderr)
+                log.warning(f"{spec.name}: trying the next source")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             try:

@@ -48,6 +48,7 @@ from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.errors import ConfigError
+from dbr_builder.log import get_logger, show_progress
 from dbr_builder.resources import resource_path
 from dbr_builder.stages.evaluate import icl
 from dbr_builder.stages.evaluate.icl import group_pool, icl_pool, select_examples
@@ -63,6 +64,8 @@ STUDENT_FIELDS = ("base_model", "dataset", "heldout_domain", "trial_seed", "clas
 
 
 # ---------------------------------------------------------------- jobs
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -359,7 +362,7 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
     backend = backend_factory()
     errors = 0
     bar = tqdm(total=len(todo), desc=f"eval {job.method} {job.dataset}/{job.heldout} seed{job.trial_seed}",
-               unit="img", disable=not progress, file=sys.stderr)
+               unit="img", disable=not show_progress(progress), file=sys.stderr)
     for batch in _batches(todo, int(cfg["batch_size"])):
         reqs, extras = [], {}
         for row in batch:
@@ -427,8 +430,9 @@ def students_run_of(cfg: dict[str, Any]) -> str:
     return cfg["students_run"] or cfg["run"]
 
 
-def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
+def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log: Any = None) -> dict[str, Any]:
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
+    log = log or logger.info
     workdir = Path(workdir)
     names = _datasets_of(cfg, workdir)
     cfg = resolve("eval", cfg)
@@ -493,7 +497,7 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
                           all_domains=domains)
     log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
-        log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
+        logger.warning(f"{stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
     return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
 
 
