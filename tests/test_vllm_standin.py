@@ -213,3 +213,56 @@ def test_every_backend_has_close():
     for kind, cls in BACKENDS.items():
         assert callable(getattr(cls, "close", None)), kind
     assert os.environ.get("DBR_STANDIN_VLLM") is None  # the fixture's setting never leaks
+
+
+# ------------------------------------------------------------------------------- adapters
+
+
+def test_adapter_plan_never_drops_modules(standin, tmp_path: Path):
+    """InternVL's vision LoRA cannot be served by vLLM 0.33 (tests/contract checks this with vLLM's code):
+    auto merges, direct refuses before any engine starts; an LM-only adapter is served directly."""
+    from dbr_builder.backends import BackendError
+    from dbr_builder.backends.vllm_backend import adapter_parts, plan_adapter
+    from tests.contract.families import build, train_adapter
+
+    arch = "InternVLForConditionalGeneration"
+    model = build(arch, tmp_path / "ivl")
+    full = train_adapter(model, tmp_path / "full")
+    parts = adapter_parts(full)
+    assert {"projection_layer", "fc1"} <= parts["tower"] and parts["connector"] == {"linear_1", "linear_2"}
+    plan = plan_adapter(arch, parts, "auto")
+    assert plan.action == "merge" and "projection_layer" in plan.reason
+    log = standin()
+    with pytest.raises(BackendError, match="cannot serve adapter .*projection_layer.*adapter_mode=merge"):
+        make_backend(f"vllm:{tmp_path / 'ivl'}", adapter=str(full), adapter_mode="direct")
+    assert events(log, "construct") == []  # refused before any work
+    lm_only = train_adapter(build(arch, tmp_path / "ivl2"), tmp_path / "lm", vision=False)
+    b = make_backend(f"vllm:{tmp_path / 'ivl2'}", adapter=str(lm_only))
+    assert b.plan.action == "direct" and b.engine_kwargs["enable_lora"] is True
+    assert "enable_tower_connector_lora" not in b.engine_kwargs
+    assert plan_adapter(None, parts, "auto").action == "merge"  # unknown architecture: never served as is
+    assert plan_adapter(None, parts, "direct").action == "refuse"
+
+
+def test_merge_serves_a_merged_copy(standin, tiny_model_path: Path, tmp_path: Path):
+    """adapter_mode=merge: PEFT merge_and_unload into a copy; vLLM then serves that folder without LoRA."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_path)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    b = make_backend(f"vllm:{tiny_model_path}", adapter=str(tmp_path / "adapter"), adapter_mode="merge")
+    merged_dir = Path(b.engine_kwargs["model"])
+    assert merged_dir == tmp_path / "adapter.merged-vllm" and "enable_lora" not in b.engine_kwargs
+    assert b.lora is None and (merged_dir / "merged_from.json").exists()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model_path),
+                                         tmp_path / "adapter")(input_ids=ids).logits
+        got = AutoModelForImageTextToText.from_pretrained(merged_dir)(input_ids=ids).logits
+    assert torch.allclose(want, got, atol=1e-4)  # the merged copy computes what base + adapter computes
+    stamp = (merged_dir / "merged_from.json").stat().st_mtime_ns
+    make_backend(f"vllm:{tiny_model_path}", adapter=str(tmp_path / "adapter"), adapter_mode="merge")
+    assert (merged_dir / "merged_from.json").stat().st_mtime_ns == stamp  # same inputs: reused, not redone

@@ -389,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add_option(p, "generate", key)
     add_option(p, "generate", "domains")
     add_option(p, "generate", "splits")
-    for key in ("limit", "max_pixels", "prep_workers"):
+    for key in ("limit", "max_pixels", "prep_workers", "max_error_share", "error_check_after"):
         add_option(p, "generate", key)
     add_option(p, "generate", "merge", action="store_true")
     p.add_argument("--merge-from", nargs="+", default=[], metavar="PATH",

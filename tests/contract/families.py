@@ -121,12 +121,13 @@ def build(arch: str, dest: Path) -> Any:
 
 
 def train_adapter(model: Any, dest: Path, vision: bool = True) -> Path:
-    """Save a LoRA adapter with `dbr train`'s settings (trainers.train.LORA_DEFAULTS, VISION_MODULES)."""
+    """Save a LoRA adapter with `dbr train`'s settings (the train schema's `lora` defaults, VISION_MODULES)."""
     from peft import LoraConfig, get_peft_model
 
-    from trainers.train import LORA_DEFAULTS, VISION_MODULES
+    from dbr_builder.config import schema_defaults
+    from trainers.train import VISION_MODULES
 
-    lc = LORA_DEFAULTS
+    lc = schema_defaults("train")["lora"]
     conf = LoraConfig(r=int(lc["r"]), lora_alpha=int(lc["alpha"]), lora_dropout=float(lc["dropout"]),
                       target_modules=lc["target_modules"], exclude_modules=None if vision else VISION_MODULES,
                       bias="none")
