@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import get_logger
 from dbr_builder.stages import evaluate as evaluate_stage
 from dbr_builder.stages import generate
 from trainers import train
@@ -59,6 +59,8 @@ RESOURCE_KEYS = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_no
 RESOURCE_DEFAULTS: dict[str, Any] = {"timeout_min": 24 * 60}
 POLL_S = {"local": 2.0, "slurm": 30.0}
 TAIL_LINES = 25
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -313,12 +315,13 @@ def _state(job: Any) -> str:
 
 
 def run_units(name: str, stage: str, cfg: dict[str, Any], workdir: Path, stage_key: dict[str, Any],
-              ex: ExecutorConfig, resume_cmd: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+              ex: ExecutorConfig, resume_cmd: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a unit stage's pending units as jobs, wait, then collect; return the stage summary.
 
     Raises ``UserError`` naming the failed units (with each one's log tail printed first and the
     command that resumes) when some unit failed; units that succeeded keep their ``done.json``.
     """
+    log = log or logger.info
     mod = UNIT_STAGES[stage]
     wd = Path(workdir)
     opts = ex.for_stage(name, stage)
@@ -419,7 +422,7 @@ def _submit_and_wait(name: str, stage: str, cfg: dict[str, Any], wd: Path, todo:
                 if states.get(uid) in ("running", "queued"):
                     j.cancel(check=False)
         else:
-            print(f"dbr run: Slurm jobs keep running ({', '.join(sorted({str(j.job_id) for j in jobs.values()}))}); "
-                  "rerun the same command to wait for them and resubmit what is not done", file=sys.stderr)
+            logger.warning(f"Slurm jobs keep running ({', '.join(sorted({str(j.job_id) for j in jobs.values()}))}); "
+                           "rerun the same command to wait for them and resubmit what is not done")
         raise
     return {uid: jobs[uid] for uid, s in states.items() if s == "failed"}

@@ -13,6 +13,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,7 @@ from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.errors import ConfigError
+from dbr_builder.log import get_logger
 from dbr_builder.stages import download, filter, generate, index, publish, synth
 from dbr_builder.stages import evaluate as evaluate_stage
 from trainers import train
@@ -49,6 +51,8 @@ HELP: dict[str, str] = {
     "train": "fine-tune a student with MTCT + SARR, leave-one-domain-out",
     "eval": "evaluate held-out-domain accuracy and write result tables",
 }
+
+logger = get_logger(__name__)
 
 
 def load_stage(stage: str) -> ModuleType:
@@ -125,7 +129,7 @@ def run_pipeline(
     start: str | None = None,
     until: str | None = None,
     force: bool = False,
-    log=print,
+    log: Callable[[str], None] | None = None,
     executor: launch.ExecutorConfig | str | None = None,
     resume_cmd: str | None = None,
 ) -> dict[str, Any]:
@@ -135,6 +139,7 @@ def run_pipeline(
     default: the config's ``executor:`` section, else inline) decides where the unit stages
     (generate, train, eval) run; every other stage runs in this process.
     """
+    log = log or logger.info
     pipe = load_pipeline(path)
     if not isinstance(executor, launch.ExecutorConfig):
         executor = launch.executor_config(pipe.get("executor"), executor)
@@ -227,7 +232,8 @@ def main(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipeline)
     ex = launch.executor_config(pipe.get("executor"), args.executor, dict(args.slurm), dict(args.resource),
                                 args.shards, args.max_parallel)
-    resume = "dbr " + shlex.join(["run", *sys.argv[2:]]) if len(sys.argv) > 2 and sys.argv[1] == "run" else None
+    # the command that resumes after a failed unit: this very command line (finished units are kept)
+    resume = "dbr " + shlex.join(sys.argv[1:]) if "run" in sys.argv[1:] else None
     report = run_pipeline(args.pipeline, args.workdir, args.start, args.until, args.force,
                           executor=ex, resume_cmd=resume)
     ran = sum(v == "ran" for v in report.values())
