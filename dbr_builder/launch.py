@@ -28,6 +28,7 @@ outputs; a later ``dbr run`` resubmits only the units without a matching one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -40,7 +41,7 @@ from typing import Any
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
-from dbr_builder.log import get_logger
+from dbr_builder.log import ROOT_LOGGER, get_logger, setup_logging
 from dbr_builder.stages import evaluate as evaluate_stage
 from dbr_builder.stages import generate
 from trainers import train
@@ -201,6 +202,9 @@ class UnitJob:
     (Duck-typed rather than subclassed so that ``dbr --help`` does not import submitit.)
     """
 
+    def __init__(self, level: int = logging.INFO) -> None:
+        self.level = level  # the dbr log level of the `dbr run` that submitted the job
+
     def __call__(self, stage: str, cfg: dict[str, Any], workdir: str, unit: dict[str, Any], key: str,
                  name: str) -> dict[str, Any]:
         import submitit
@@ -208,6 +212,7 @@ class UnitJob:
         wd = Path(workdir)
         env = submitit.JobEnvironment()
         export_distributed()
+        setup_logging(self.level)  # the stage's messages go to this job's stdout/stderr (rank 0 for INFO)
         d = unit_dir(wd, name, unit["id"])
         if env.global_rank == 0:
             write_json_atomic(d / "running.json", {"pid": os.getpid(), "host": socket.gethostname(),
@@ -361,7 +366,7 @@ def _submit_and_wait(name: str, stage: str, cfg: dict[str, Any], wd: Path, todo:
     """Submit ``todo`` and poll until every job ended; return ``{unit id: job}`` of the failed ones."""
     folder = wdl.logs_dir(wd) / name / "_submitit"  # submitit names its files by job id
     executor = make_executor(ex.kind, folder, opts, name)
-    fn = UnitJob()
+    fn = UnitJob(logging.getLogger(ROOT_LOGGER).getEffectiveLevel())
     wd_abs = str(wd.resolve())
     jobs: dict[str, Any] = {}
     queue = list(todo)
@@ -377,6 +382,8 @@ def _submit_and_wait(name: str, stage: str, cfg: dict[str, Any], wd: Path, todo:
             limit = min(limit, len(slots))
 
     def submit(batch: list[tuple[dict[str, Any], str]]) -> None:
+        for u, _ in batch:  # before the job starts: a fast job may write its new done.json at once
+            (unit_dir(wd, name, u["id"]) / "done.json").unlink(missing_ok=True)
         if ex.kind == "slurm" and len(batch) > 1:
             with executor.batch():  # one job array; array_parallelism bounds the tasks running at once
                 pending = [(u, executor.submit(fn, stage, cfg, wd_abs, u, k, name)) for u, k in batch]
@@ -388,7 +395,6 @@ def _submit_and_wait(name: str, stage: str, cfg: dict[str, Any], wd: Path, todo:
                     executor.update_parameters(visible_gpus=held[u["id"]])
                 pending.append((u, executor.submit(fn, stage, cfg, wd_abs, u, k, name)))
         for u, job in pending:
-            (unit_dir(wd, name, u["id"]) / "done.json").unlink(missing_ok=True)
             jobs[u["id"]] = job
             _link(unit_dir(wd, name, u["id"]), job)
 
