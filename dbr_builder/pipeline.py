@@ -18,7 +18,7 @@ from typing import Any
 
 from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
-from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic, write_text_atomic
 from dbr_builder.errors import ConfigError
 from dbr_builder.stages import download, filter, generate, index, publish, synth
 from dbr_builder.stages import evaluate as evaluate_stage
@@ -130,6 +130,10 @@ def run_pipeline(
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
     selected = _select(units, start, until)
+    # The pipeline as written (variables unexpanded, so no secret from the environment): card provenance.
+    text, copy = Path(path).read_text(encoding="utf-8"), wdl.pipeline_copy_path(wd)
+    if not copy.exists() or copy.read_text(encoding="utf-8") != text:
+        write_text_atomic(copy, text)
     stamps = wdl.stamps_dir(wd)
     upstream: list[str] = []  # output fingerprints of earlier units, in order
     report: dict[str, Any] = {}

@@ -249,11 +249,17 @@ def report_dir(workdir: str | Path, dataset: str) -> Path:
 
 
 def write_report(workdir: str | Path, dataset: str, ev: pl.DataFrame, manifest: pl.DataFrame,
-                 kept: pl.DataFrame, rationalized: int = 0, charts: bool = True) -> dict[str, Any]:
-    """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats."""
+                 kept: pl.DataFrame, rationalized: int = 0, charts: bool = True,
+                 rules: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats.
+
+    ``rules``: the effective filter rules, kept in ``stats.json`` for the dataset card's provenance.
+    """
     stats = compute_stats(ev, manifest, kept)
     stats["dataset"] = dataset
     stats["rationalized_images"] = rationalized
+    if rules is not None:
+        stats["rules"] = rules
     out = report_dir(workdir, dataset)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "stats.json", stats)
