@@ -29,13 +29,19 @@ terms forbid redistribution (the card says how to download the images from their
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import validate_options
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, read_parquet, write_text_atomic
 from dbr_builder.core.manifest import image_path, load_manifest
@@ -46,7 +52,8 @@ from dbr_builder.stages.publish.card import features_for, provenance, render_car
 from dbr_builder.stages.publish.push import check_push, push_folder
 
 PER_DATASET = False
-DEFAULT_MAX_SHARD_MB = 500
+_D = schema_defaults("publish")  # the option defaults, defined once in schemas/stages/publish.schema.json
+DEFAULT_MAX_SHARD_MB: float = _D["max_shard_mb"]
 ROW_GROUP_ROWS = 100  # small row groups: images are large, the viewer and streaming readers fetch one
 ROW_GROUP_BYTES = 100_000_000  # ... and at most ~100 MB of payload (datasets' MAX_ROW_GROUP_SIZE)
 MODES = ("full", "gated", "chains_only")
@@ -234,25 +241,23 @@ def hub_dir(cfg: dict[str, Any], workdir: Path) -> Path:
     return Path(cfg.get("out") or wdl.hub_dir(workdir))
 
 
-def _push_options(cfg: dict[str, Any]) -> dict[str, Any]:
-    mode = cfg.get("mode") or "full"
-    return {"private": bool(cfg.get("private", False)), "dry_run": bool(cfg.get("dry_run", False)),
-            "revision": cfg.get("revision") or None, "create_pr": bool(cfg.get("create_pr", False)),
-            "tag": cfg.get("tag") or None, "gated": "manual" if mode == "gated" else None}
+def _push_options(o: dict[str, Any]) -> dict[str, Any]:
+    return {"private": bool(o.get("private")), "dry_run": bool(o.get("dry_run")), "revision": o.get("revision"),
+            "create_pr": bool(o.get("create_pr")), "tag": o.get("tag"),
+            "gated": "manual" if o.get("mode") == "gated" else None}
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Publish ``cfg["datasets"]`` into W/hub; push when ``cfg["push"]`` names a repo."""
     hub = hub_dir(cfg, workdir)
-    infos = publish(workdir, list(cfg.get("datasets") or []), hub, float(cfg.get("max_shard_mb",
-                                                                               DEFAULT_MAX_SHARD_MB)),
-                    card_extra={"pretty_name": cfg.get("pretty_name"), "repo_id": cfg.get("push")},
-                    mode=cfg.get("mode") or "full")
+    o = resolve("publish", cfg)
+    infos = publish(workdir, list(o.get("datasets") or []), hub, float(o.max_shard_mb),
+                    card_extra={"pretty_name": o.pretty_name, "repo_id": o.push}, mode=o.mode)
     summary: dict[str, Any] = {
         ds: {s["split"]: s["num_examples"] for s in info["splits"]} for ds, info in infos.items()
     }
-    if cfg.get("push"):
-        res = push_folder(hub, cfg["push"], **_push_options(cfg))
+    if o.push:
+        res = push_folder(hub, o.push, **_push_options(o))
         summary["_push"] = {k: res[k] for k in ("repo_id", "files", "dry_run", "commit")}
     return summary
 
@@ -265,59 +270,51 @@ def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", "-w", required=True, help="work directory (reads chains/, manifest/, reports/)")
-    p.add_argument("--datasets", nargs="+", metavar="DATASET",
-                   help="datasets to publish (default: every W/chains/<Dataset>.parquet)")
-    p.add_argument("--out", help="output folder (default W/hub)")
-    p.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_MB,
-                   help=f"upper bound on a parquet shard's payload in MB (default {DEFAULT_MAX_SHARD_MB})")
-    p.add_argument("--pretty-name", help="dataset card title (default DomainBed-Reasoning)")
-    p.add_argument("--mode", choices=MODES, default="full",
-                   help="full: images embedded (default); gated: the same, users accept the sources' terms "
-                        "first; chains_only: chains + image ids + source paths, no pixels")
-    p.add_argument("--push", metavar="REPO_ID",
-                   help="also upload to this Hub dataset repo, in one commit (token: HF_TOKEN or `hf auth login`)")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    p.add_argument("--revision", metavar="BRANCH", help="with --push: commit to this branch (created if missing)")
-    p.add_argument("--create-pr", action="store_true", help="with --push: open a pull request instead of committing")
-    p.add_argument("--tag", metavar="TAG", help="with --push: tag the new commit (e.g. v1.0)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --push: list the exact commit operations (additions, deletions), upload nothing")
+    add_option(p, "publish", "datasets", metavar="DATASET",
+               help="datasets to publish (default: every W/chains/<Dataset>.parquet)")
+    add_option(p, "publish", "out")
+    add_option(p, "publish", "max_shard_mb")
+    add_option(p, "publish", "pretty_name")
+    add_option(p, "publish", "mode")
+    add_option(p, "publish", "push", metavar="REPO_ID")
+    add_option(p, "publish", "private", action="store_true")
+    add_option(p, "publish", "revision", metavar="BRANCH")
+    add_option(p, "publish", "create_pr", action="store_true")
+    add_option(p, "publish", "tag")
+    add_option(p, "publish", "dry_run", action="store_true")
     p.add_argument("--no-write", action="store_true", help="push an existing W/hub as is, without rewriting it")
 
 
 def main(args: argparse.Namespace) -> int:
     wd = Path(args.workdir)
-    cfg: dict[str, Any] = {"out": args.out, "max_shard_mb": args.max_shard_mb, "pretty_name": args.pretty_name,
-                           "push": args.push, "mode": args.mode}
+    given = options_from_args(args)
     # Everything that can be checked is checked before W/hub is rewritten.
-    validate_options({k: v for k, v in cfg.items() if k != "push"},  # check_push words --push errors better
-                     "publish", "command line", {"max_shard_mb": "--max-shard-mb", "out": "--out"})
-    if args.push:
-        check_push(args.push, dry_run=args.dry_run, create_pr=args.create_pr, tag=args.tag)
-    elif args.dry_run or args.private or args.revision or args.create_pr or args.tag:
+    validate_options({k: v for k, v in given.items() if k != "push"},  # check_push words --push errors better
+                     "publish", "command line", flags_of(args))
+    cfg = resolve("publish", given)
+    if cfg.push:
+        check_push(cfg.push, dry_run=cfg.dry_run, create_pr=cfg.create_pr, tag=cfg.tag)
+    elif cfg.dry_run or cfg.private or cfg.revision or cfg.create_pr or cfg.tag:
         raise UserError("--dry-run, --private, --revision, --create-pr and --tag only apply with --push REPO_ID")
     hub = hub_dir(cfg, wd)
     if not args.no_write:
-        datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
+        datasets = cfg.get("datasets") or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
                                            if not p.name.endswith(".rejects.parquet"))
         if not datasets:
             raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")
         try:
-            infos = publish(wd, datasets, hub, args.max_shard_mb,
-                            card_extra={"pretty_name": args.pretty_name, "repo_id": args.push}, mode=args.mode)
+            infos = publish(wd, datasets, hub, cfg.max_shard_mb,
+                            card_extra={"pretty_name": cfg.pretty_name, "repo_id": cfg.push}, mode=cfg.mode)
         except ValueError as e:
             raise UserError(str(e)) from None
         for ds, info in infos.items():
             print(f"{ds}: " + ", ".join(f"{s['split']} {s['num_examples']}" for s in info["splits"]))
         print(f"published -> {hub}  (load: datasets.load_dataset({str(hub)!r}, {datasets[0]!r}, "
               f"split={infos[datasets[0]]['splits'][0]['split']!r}))")
-    if args.push:
-        cfg.update(private=args.private, dry_run=args.dry_run, revision=args.revision, create_pr=args.create_pr,
-                   tag=args.tag)
-        if args.no_write:  # the mode the folder was written in decides whether the repo is gated
-            cfg["mode"] = (load_card_yaml(hub).get("dbr_builder") or {}).get("mode", "full") \
-                if (hub / "README.md").exists() else "full"
-        push_folder(hub, args.push, **_push_options(cfg))
+    if cfg.push:
+        if args.no_write and (hub / "README.md").exists():  # the mode the folder was written in decides gating
+            cfg["mode"] = (load_card_yaml(hub).get("dbr_builder") or {}).get("mode", "full")
+        push_folder(hub, cfg.push, **_push_options(cfg))
     return 0
 
 
@@ -329,8 +326,3 @@ def load_card_yaml(hub: str | Path) -> dict[str, Any]:
     if not text.startswith("---\n"):
         raise ValueError(f"{hub}/README.md: no YAML header")
     return yaml.safe_load(text.split("---\n", 2)[1])
-
-
-def dump_json(obj: Any) -> str:
-    """Compact deterministic JSON (used in the card)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ": "))
