@@ -20,7 +20,7 @@ from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic, write_text_atomic
 from dbr_builder.errors import ConfigError
-from dbr_builder.stages import download, filter, generate, index, publish, synth
+from dbr_builder.stages import download, filter, generate, index, publish, synth, view
 from dbr_builder.stages import evaluate as evaluate_stage
 from trainers import train
 
@@ -34,6 +34,7 @@ STAGES: dict[str, ModuleType] = {
     "publish": publish,
     "train": train,
     "eval": evaluate_stage,
+    "view": view,
 }
 
 HELP: dict[str, str] = {
@@ -45,6 +46,7 @@ HELP: dict[str, str] = {
     "publish": "write the Hub-layout dataset W/hub (and optionally push it)",
     "train": "fine-tune a student with MTCT + SARR, leave-one-domain-out",
     "eval": "evaluate held-out-domain accuracy and write result tables",
+    "view": "write a static HTML chain viewer W/view/index.html (images, kept chains, rejected candidates)",
 }
 
 

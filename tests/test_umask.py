@@ -1,7 +1,7 @@
 """Every stage's outputs follow the user's umask (labmates on a shared cluster can read them).
 
 The whole small pipeline (synth, index, generate, filter, publish, train on the tiny student,
-eval) runs in a child process under umask 022 and then 002; every file and folder it leaves
+eval, view) runs in a child process under umask 022 and then 002; every file and folder it leaves
 in the work directory must have mode 0666 / 0777 less the umask (``mkstemp``/``mkdtemp`` alone
 would give 0600 / 0700).
 """
@@ -69,14 +69,17 @@ def test_every_stage_output_follows_the_umask(tmp_path: Path, umask: int) -> Non
     wd = tmp_path / "w"
     env = {**os.environ, "DBR_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
-    code = "import sys; from dbr_builder.pipeline import run_pipeline; run_pipeline(sys.argv[1], sys.argv[2])"
+    code = ("import sys; from pathlib import Path; from dbr_builder.pipeline import run_pipeline; "
+            "from dbr_builder.stages import view; "
+            "run_pipeline(sys.argv[1], sys.argv[2]); view.run({'stage': 'view'}, Path(sys.argv[2]))")
     r = subprocess.run([sys.executable, "-c", code, str(pipe), str(wd)], env=env, capture_output=True, text=True,
                        preexec_fn=lambda: os.umask(umask), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     # every stage left something behind
-    for sub in ("raw", "manifest", "generations", "chains", "reports", "hub/data", "runs", "models"):
+    for sub in ("raw", "manifest", "generations", "chains", "reports", "hub/data", "runs", "models", "view"):
         assert (wd / sub).exists(), sub
     assert list((wd / "runs").glob("*/SynthShapes/*/seed*/final/student.json"))
     assert list((wd / "runs").glob("*/eval/results.md"))
+    assert list((wd / "runs").glob("*/SynthShapes/*/seed*/tensorboard/mtct/events.out.tfevents.*"))
     bad = _bad_modes(wd, umask) + _bad_modes(tmp_path / "cache", umask)
     assert not bad, f"umask {oct(umask)}: " + "; ".join(bad[:40])

@@ -20,9 +20,11 @@ from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
 from trainers import sarr as sarr_mod
+from trainers.card import write_unit_card
 from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
 from trainers.tiny_model import build_tiny_model
+from trainers.tracking import check_report_to, make_tracker
 
 PER_DATASET = False
 STAGE = "train"
@@ -51,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "select": {},
     "max_train_images": None,
     "resume": True,
+    "report_to": ["tensorboard"],  # trainers/tracking.py: tensorboard | trackio | wandb | none
+    "tracking_project": "dbr-builder",
 }
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", "vision": True, "modules_to_save": None,
@@ -215,7 +219,7 @@ def _sharded(state: Any, items: list, fn: Any, tag: Path) -> list:
 
 # Keys that do not change what a run trains (where it runs, how it checkpoints, which units it covers).
 _NOT_SETTINGS = {"resume", "num_workers", "checkpoint_every", "datasets", "dataset", "heldout", "trial_seeds",
-                 "workdir", "root", "stage", "name", "description"}
+                 "workdir", "root", "stage", "name", "description", "report_to", "tracking_project"}
 
 
 def check_run_settings(out: Path, c: dict[str, Any]) -> None:
@@ -337,10 +341,14 @@ def train_one(
             if not data:
                 raise UserError(f"{name}: no training images left (every self chain was wrong and "
                                 "sarr.no_correct=drop); use keep_teacher or train MTCT longer")
-        res = train_stage(model, encoder, data, lc, swork, resume=True,
-                          desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
-        info["train"] = res.summary()
-        info["val"] = validate()
+        with make_tracker(c["report_to"] if state.is_main_process else ["none"], out / "tensorboard" / name,
+                          c["tracking_project"], f"{c['run']}/{dataset}/{heldout}/seed{seed}/{name}",
+                          {k: v for k, v in c.items() if k not in _NOT_SETTINGS}) as tracker:
+            res = train_stage(model, encoder, data, lc, swork, resume=True,
+                              desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log, tracker=tracker)
+            info["train"] = res.summary()
+            info["val"] = validate()
+            tracker.log({"val/accuracy": info["val"]["accuracy"]}, res.steps)
         log(f"[train] {name}: val accuracy (training domains' out) = {info['val']['accuracy']}")
         if state.is_main_process:
             save_stage(sdir, model, processor, info, full, extra)
@@ -366,6 +374,7 @@ def train_one(
             if full:
                 processor.save_pretrained(tmp)
             write_json_atomic(tmp / "student.json", student_json)
+            write_unit_card(tmp, out, student_json, _data_source(c, workdir), workdir)  # README.md + training.png
     state.wait_for_everyone()
     log(f"[train] {dataset}/{heldout}/seed{seed}: selected {best} -> {final}")
     return student_json
@@ -401,6 +410,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
     check_student(c["student"])
+    check_report_to(c["report_to"])
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)
@@ -431,6 +441,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="cap optimizer steps per stage (smoke tests)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue an interrupted run from its last checkpoint (default: the config's `resume`, true)")
+    p.add_argument("--report-to", nargs="+", metavar="TRACKER", choices=["tensorboard", "trackio", "wandb", "none"],
+                   help="experiment trackers (default: the config's report_to, else tensorboard); trackio and wandb "
+                        "need the [tracking] extra")
+    p.add_argument("--push", metavar="REPO_ID", help="after training, upload the run's students with their model "
+                   "cards to this Hub model repo, in one commit (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo as private")
+    p.add_argument("--dry-run", action="store_true", help="with --push: train nothing, upload nothing; list the "
+                   "exact commit operations for the students already trained")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -442,10 +460,29 @@ def main(args: argparse.Namespace) -> int:
             cfg[key] = val
     if args.trial_seed is not None:
         cfg["trial_seeds"] = [args.trial_seed]
+    if args.report_to is not None:
+        cfg["report_to"] = args.report_to
     # The config file was checked when loaded; check the command-line overrides the same way.
     validate_options(cfg, STAGE, "command line", {
         "dataset": "--dataset", "heldout": "--heldout", "student": "--student", "data": "--data", "run": "--run",
-        "max_steps": "--max-steps", "resume": "--resume", "trial_seeds": "--trial-seed"})
-    summary = run(cfg, Path(args.workdir or cfg.get("workdir") or "work"))
-    print(json.dumps(summary, indent=2))
+        "max_steps": "--max-steps", "resume": "--resume", "trial_seeds": "--trial-seed", "report_to": "--report-to"})
+    if args.push:
+        from dbr_builder.stages.publish.push import check_push
+
+        check_push(args.push, dry_run=args.dry_run, repo_type="model")
+    elif args.dry_run or args.private:
+        raise UserError("--dry-run and --private only apply with --push REPO_ID")
+    wd = Path(args.workdir or cfg.get("workdir") or "work")
+    if not args.dry_run:
+        summary = run(cfg, wd)
+        print(json.dumps(summary, indent=2))
+    if args.push:
+        from trainers.card import push_run
+
+        c = _cfg(cfg)
+        push_run(wd, c["run"], args.push, _data_source(c, wd), datasets=_datasets(c) if c.get("dataset") or
+                 c.get("datasets") else None, heldout=None if c["heldout"] is None else
+                 ([c["heldout"]] if isinstance(c["heldout"], str) else list(c["heldout"])),
+                 seeds=[int(s) for s in c["trial_seeds"]] if args.trial_seed is not None else None,
+                 private=args.private, dry_run=args.dry_run)
     return 0
