@@ -16,28 +16,34 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends import Request, make_backend
+from dbr_builder.config import schema_defaults
 from dbr_builder.core.answers import match_class
 from dbr_builder.core.chains import parse_chain
 from dbr_builder.core.fsutil import write_text_atomic
+from dbr_builder.log import show_progress
 from trainers.data import Example, SampleEncoder, load_image
 
 NO_CORRECT = ("keep_teacher", "drop")
+
+
+_D = schema_defaults("train")["sarr"]
 
 
 @dataclass
 class SarrConfig:
     """One SARR round's self-labeling settings (`sarr:` in the config)."""
 
-    rounds: int = 3
-    no_correct: str = "keep_teacher"  # keep_teacher | drop
-    init: str = "continue"  # continue (from the current adapter) | restart (fresh adapter on the base model)
-    n: int = 1  # candidates per image; the first correct one is kept
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 1.0
-    batch_size: int = 16  # images per generate call
-    generator: str = "model"  # "model" (in-process generate) or a dbr backend spec
-    synonyms: dict[str, list[str]] | None = None
+    # Defaults are the train schema's `sarr` defaults (schemas/stages/train.schema.json), defined once.
+    rounds: int = _D["rounds"]
+    no_correct: str = _D["no_correct"]  # keep_teacher | drop
+    init: str = _D["init"]  # continue (from the current adapter) | restart (fresh adapter on the base model)
+    n: int = _D["n"]  # candidates per image; the first correct one is kept
+    max_new_tokens: int = _D["max_new_tokens"]
+    temperature: float = _D["temperature"]
+    top_p: float = _D["top_p"]
+    batch_size: int = _D["batch_size"]  # images per generate call
+    generator: str = _D["generator"]  # "model" (in-process generate) or a dbr backend spec
+    synonyms: dict[str, list[str]] | None = _D["synonyms"]
 
 
 def judge(text: str | None, label: str, classes: Sequence[str], synonyms: dict[str, list[str]] | None = None) -> str:
@@ -67,7 +73,8 @@ def generate_with_model(
     was_training = model.training
     model.eval()
     try:
-        for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch"):
+        for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch",
+                       disable=not show_progress()):
             chunk = examples[lo : lo + sc.batch_size]
             text = [encoder.prompt_text(encoder.q_reason)] * len(chunk)
             enc = encoder.processor(

@@ -15,10 +15,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import load_stage_config, validate_options
+from dbr_builder.config import (
+    Options,
+    add_option,
+    flags_of,
+    load_stage_config,
+    options_from_args,
+    resolve,
+    validate_options,
+)
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import get_logger
 from trainers import sarr as sarr_mod
 from trainers.card import write_unit_card
 from trainers.data import SampleEncoder, load_published, lodo_split
@@ -29,43 +38,14 @@ from trainers.tracking import check_report_to, make_tracker
 PER_DATASET = False
 STAGE = "train"
 
-DEFAULTS: dict[str, Any] = {
-    "run": "mtct_sarr",
-    "data": None,  # default <workdir>/hub; or a Hub dataset id
-    "heldout": None,  # None = every domain in turn (LODO)
-    "trial_seeds": [0],
-    "student": "OpenGVLab/InternVL3-8B-hf",
-    "processor_kwargs": {},
-    "max_length": 4096,
-    "finetune": "lora",  # lora | full
-    "lora": {},
-    "optim": {},
-    "batch_size": 128,
-    "micro_batch_size": 4,
-    "epochs": 3,
-    "max_steps": None,
-    "tasks": ["cls", "reason"],
-    "precision": "auto",
-    "gradient_checkpointing": "auto",
-    "checkpoint_every": 50,
-    "num_workers": 0,
-    "sarr": {},
-    "select": {},
-    "max_train_images": None,
-    "resume": True,
-    "report_to": ["tensorboard"],  # trainers/tracking.py: tensorboard | trackio | wandb | none
-    "tracking_project": "dbr-builder",
-}
-LORA_DEFAULTS: dict[str, Any] = {
-    "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", "vision": True, "modules_to_save": None,
-}
 VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mlp1).*"
 
+logger = get_logger(__name__)
 
-def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("heldout", "max_steps")}}
-    out["lora"] = {**LORA_DEFAULTS, **(cfg.get("lora") or {})}
-    return out
+
+def _cfg(cfg: dict[str, Any]) -> Options:
+    """The train options with the schema's defaults (schemas/stages/train.schema.json) filled in."""
+    return resolve(STAGE, cfg)
 
 
 def _datasets(cfg: dict[str, Any]) -> list[str]:
@@ -135,7 +115,7 @@ def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
     conf = LoraConfig(
         r=int(lc["r"]), lora_alpha=int(lc["alpha"]), lora_dropout=float(lc["dropout"]),
         target_modules=lc["target_modules"], exclude_modules=None if lc["vision"] else VISION_MODULES,
-        modules_to_save=lc.get("modules_to_save") or None, bias="none",
+        modules_to_save=lc["modules_to_save"] or None, bias="none",
     )
     model = get_peft_model(model, conf)
     for p in model.parameters():
@@ -176,20 +156,20 @@ def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
 
 def _loop_config(c: dict[str, Any], seed: int):
     from trainers.loop import LoopConfig  # pulls torch: keep `dbr --help` fast
-    o = c.get("optim") or {}
+    o = c["optim"]
     return LoopConfig(
-        lr=float(o.get("lr", 5e-4)), weight_decay=float(o.get("weight_decay", 0.0)),
-        betas=tuple(o.get("betas", (0.9, 0.999))), scheduler=o.get("scheduler", "cosine"),
-        warmup_ratio=float(o.get("warmup_ratio", 0.03)), max_grad_norm=o.get("max_grad_norm", 1.0),
+        lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+        betas=tuple(o["betas"]), scheduler=o["scheduler"],
+        warmup_ratio=float(o["warmup_ratio"]), max_grad_norm=o["max_grad_norm"],
         batch_size=int(c["batch_size"]), micro_batch_size=int(c["micro_batch_size"]), epochs=float(c["epochs"]),
-        max_steps=c.get("max_steps"), seed=seed, precision=c["precision"],
+        max_steps=c["max_steps"], seed=seed, precision=c["precision"],
         gradient_checkpointing=c["gradient_checkpointing"], checkpoint_every=int(c["checkpoint_every"]),
-        num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o.get("fast_head", True)),
+        num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o["fast_head"]),
     )
 
 
 def _sarr_config(c: dict[str, Any]):
-    return SarrConfig(**(c.get("sarr") or {}))
+    return SarrConfig(**c["sarr"])
 
 
 def _subsample(examples: list, n: int | None, seed: int) -> list:
@@ -246,9 +226,10 @@ def check_run_settings(out: Path, c: dict[str, Any]) -> None:
 
 def train_one(
     c: dict[str, Any], workdir: Path, dataset: str, heldout: str, seed: int,
-    by_domain: dict[str, list], log: Any = print,
+    by_domain: dict[str, list], log: Any = None,
 ) -> dict[str, Any]:
     """MTCT, SARR rounds and model selection for one held-out domain and seed."""
+    log = log or logger.info
     import torch
     from accelerate import PartialState
 
@@ -274,9 +255,9 @@ def train_one(
         raise UserError(f"{work}: a partial run exists; rerun with --resume, or delete {out} to start over")
 
     train, val, train_domains = lodo_split(by_domain, heldout)
-    train = _subsample(train, c.get("max_train_images"), seed)
-    sel = c.get("select") or {}
-    val = _subsample(val, sel.get("max_images"), seed)
+    train = _subsample(train, c["max_train_images"], seed)
+    sel = c["select"]
+    val = _subsample(val, sel["max_images"], seed)
     classes = sorted({ex.class_name for exs in by_domain.values() for ex in exs})
     if "reason" in c["tasks"] and not any(ex.chain for ex in train):
         raise UserError(f"{dataset}: no training row has a `chain`; the reasoning task needs published chains")
@@ -285,11 +266,11 @@ def train_one(
     student = resolve_student(c["student"], workdir)
     processor, model = load_student(student, c, state.device)
     full = c["finetune"] == "full"
-    encoder = SampleEncoder(processor, classes, max_length=c.get("max_length"), processor_kwargs=c["processor_kwargs"])
+    encoder = SampleEncoder(processor, classes, max_length=c["max_length"], processor_kwargs=c["processor_kwargs"])
     lc = _loop_config(c, seed)
     sc = _sarr_config(c)
     init_state = trainable_state(model) if sc.init == "restart" and sc.rounds > 0 else None
-    seq_batch = int(sel.get("seq_batch", 32))
+    seq_batch = int(sel["seq_batch"])
 
     def validate() -> dict[str, Any]:
         # Each rank scores its share; accuracy is recomputed from the merged per-image results.
@@ -432,18 +413,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="train config (pipelines/train_mtct_sarr.yaml, or a pipeline with a train stage)")
     p.add_argument("--workdir", "-w", default=None,
                    help="work directory W (default: the config's `workdir`, else work)")
-    p.add_argument("--dataset", help="dataset (config) to train on; default: the config's datasets")
-    p.add_argument("--heldout", help="held-out domain; default: every domain in turn (LODO)")
-    p.add_argument("--trial-seed", type=int, help="trial seed (run folder seed<k>); default: config's trial_seeds")
-    p.add_argument("--student", help="student model folder / Hub id, or `tiny`")
-    p.add_argument("--data", help="published dataset: a hub folder or a Hub dataset id (default W/hub)")
-    p.add_argument("--run", help="run name under W/runs/ (default: config's run)")
-    p.add_argument("--max-steps", type=int, help="cap optimizer steps per stage (smoke tests)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue an interrupted run from its last checkpoint (default: the config's `resume`, true)")
-    p.add_argument("--report-to", nargs="+", metavar="TRACKER", choices=["tensorboard", "trackio", "wandb", "none"],
-                   help="experiment trackers (default: the config's report_to, else tensorboard); trackio and wandb "
-                        "need the [tracking] extra")
+    add_option(p, STAGE, "dataset", help="dataset (config) to train on; default: the config's datasets")
+    add_option(p, STAGE, "heldout", help="held-out domain; default: every domain in turn (LODO)")
+    add_option(p, STAGE, "trial_seeds", "--trial-seed", metavar="K")
+    for key in ("student", "data", "run", "max_steps", "resume"):
+        add_option(p, STAGE, key)
+    add_option(p, STAGE, "report_to", metavar="TRACKER")
     p.add_argument("--push", metavar="REPO_ID", help="after training, upload the run's students with their model "
                    "cards to this Hub model repo, in one commit (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push: create the repo as private")
@@ -453,19 +428,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_stage_config(args.config, STAGE) if args.config else {"stage": STAGE}
-    for key, val in (("dataset", args.dataset), ("heldout", args.heldout), ("student", args.student),
-                     ("data", args.data), ("run", args.run), ("max_steps", args.max_steps),
-                     ("resume", args.resume)):
-        if val is not None:
-            cfg[key] = val
-    if args.trial_seed is not None:
-        cfg["trial_seeds"] = [args.trial_seed]
-    if args.report_to is not None:
-        cfg["report_to"] = args.report_to
+    given = options_from_args(args)
+    cfg.update(given)
     # The config file was checked when loaded; check the command-line overrides the same way.
-    validate_options(cfg, STAGE, "command line", {
-        "dataset": "--dataset", "heldout": "--heldout", "student": "--student", "data": "--data", "run": "--run",
-        "max_steps": "--max-steps", "resume": "--resume", "trial_seeds": "--trial-seed", "report_to": "--report-to"})
+    validate_options(given, STAGE, "command line", flags_of(args))
     if args.push:
         from dbr_builder.stages.publish.push import check_push
 
@@ -480,9 +446,10 @@ def main(args: argparse.Namespace) -> int:
         from trainers.card import push_run
 
         c = _cfg(cfg)
-        push_run(wd, c["run"], args.push, _data_source(c, wd), datasets=_datasets(c) if c.get("dataset") or
-                 c.get("datasets") else None, heldout=None if c["heldout"] is None else
-                 ([c["heldout"]] if isinstance(c["heldout"], str) else list(c["heldout"])),
-                 seeds=[int(s) for s in c["trial_seeds"]] if args.trial_seed is not None else None,
+        held = c.get("heldout")
+        push_run(wd, c["run"], args.push, _data_source(c, wd),
+                 datasets=_datasets(c) if c.get("dataset") or c.get("datasets") else None,
+                 heldout=None if held is None else ([held] if isinstance(held, str) else list(held)),
+                 seeds=[int(s) for s in c["trial_seeds"]] if "trial_seeds" in given else None,
                  private=args.private, dry_run=args.dry_run)
     return 0

@@ -39,6 +39,7 @@ from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.prompts import fields, prompt_id, teacher_prompt
 from dbr_builder.core.store import Row, Store, merge_dataset, params_json, request_key, shard_file, store_dir
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import show_progress
 
 PER_DATASET = True
 
@@ -133,7 +134,7 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     stats = Counter()
     last_errors: dict[str, str] = {}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, unit="img",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show_progress(progress), dynamic_ncols=True)
     try:
         for p in range(max(1, passes)):
             failed: list[tuple[Job, list[tuple[int, str]]]] = []
