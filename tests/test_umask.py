@@ -83,3 +83,29 @@ def test_every_stage_output_follows_the_umask(tmp_path: Path, umask: int) -> Non
     assert list((wd / "runs").glob("*/SynthShapes/*/seed*/tensorboard/mtct/events.out.tfevents.*"))
     bad = _bad_modes(wd, umask) + _bad_modes(tmp_path / "cache", umask)
     assert not bad, f"umask {oct(umask)}: " + "; ".join(bad[:40])
+
+
+def test_atomic_dir_fixes_files_libraries_wrote_privately(tmp_path: Path) -> None:
+    """safetensors writes 0600; atomic_dir gives the umask's modes before the swap, but never changes a
+    file that is hard-linked from outside (its mode is the source's too) or a symlink's target."""
+    from dbr_builder.core.fsutil import atomic_dir
+
+    outside = tmp_path / "theirs.bin"
+    outside.write_bytes(b"x")
+    outside.chmod(0o600)
+    old = os.umask(0o002)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w")
+            (tmp / "model.safetensors").chmod(0o600)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+            os.link(outside, tmp / "linked.bin")
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o664
+    assert stat.S_IMODE((out / "run.sh").stat().st_mode) == 0o775
+    assert stat.S_IMODE((out / "sub").stat().st_mode) == 0o775 and stat.S_IMODE(out.stat().st_mode) == 0o775
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600  # the hard-linked source is not touched

@@ -24,6 +24,9 @@ import yaml
 
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import sha256_file, write_text_atomic
+from dbr_builder.errors import UserError
+from dbr_builder.stages.publish.push import push_folder
+from trainers.tracking import plot_run, read_log
 
 TAGS = ["domain-generalization", "domainbed", "rd-mldg", "mtct", "sarr", "dbr-builder"]
 NOT_PUSHED = {"self_chains.jsonl"}  # training-data derivatives; they stay in the work directory
@@ -170,8 +173,6 @@ def _settings(seed_folder: Path) -> dict[str, Any]:
 def write_unit_card(final_dir: Path, seed_folder: Path, student: dict[str, Any], data_source: str | Path,
                     workdir: Path) -> Path:
     """Write ``final_dir/README.md`` and ``final_dir/training.png`` (``final_dir`` may be a temporary folder)."""
-    from trainers.tracking import plot_run, read_log
-
     stages = []
     for name in student.get("val_accuracy", {}):
         stages.append((name, read_log(seed_folder / "_work" / name / "log.jsonl"),
@@ -258,9 +259,6 @@ def push_run(workdir: Path, run: str, repo_id: str, data_source: str | Path, dat
              heldout: list[str] | None = None, seeds: list[int] | None = None, private: bool = False,
              dry_run: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Upload the finished students of ``W/runs/<run>`` (with their cards) to the model repo ``repo_id``."""
-    from dbr_builder.errors import UserError
-    from dbr_builder.stages.publish.push import push_folder
-
     units = finished_units(workdir, run, datasets, heldout, seeds)
     if not units:
         raise UserError(f"{wdl.runs_dir(workdir, run)}: no finished student to push (no final/student.json); "

@@ -33,6 +33,7 @@ import torch
 from dbr_builder.core.fsutil import atomic_dir
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
+from trainers.tracking import step_metrics
 
 CKPT = "checkpoint"
 
@@ -296,8 +297,6 @@ def train_stage(
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
                 if tracker is not None:
-                    from trainers.tracking import step_metrics
-
                     tracker.log(step_metrics(rec), step)
             stats = {}
             step_loss = 0.0

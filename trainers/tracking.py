@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core.fsutil import atomic_path
 from dbr_builder.errors import ConfigError, UserError
 
 TRACKERS = ("tensorboard", "trackio", "wandb", "none")
@@ -168,8 +169,6 @@ def plot_run(stages: list[tuple[str, list[dict[str, Any]], float | None]], dest:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dbr_builder.core.fsutil import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1.3]})
     offset = 0

@@ -28,8 +28,9 @@ from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
+from dbr_builder.stages.publish.push import check_push
 from trainers import sarr as sarr_mod
-from trainers.card import write_unit_card
+from trainers.card import push_run, write_unit_card
 from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
 from trainers.tiny_model import build_tiny_model
@@ -433,8 +434,6 @@ def main(args: argparse.Namespace) -> int:
     # The config file was checked when loaded; check the command-line overrides the same way.
     validate_options(given, STAGE, "command line", flags_of(args))
     if args.push:
-        from dbr_builder.stages.publish.push import check_push
-
         check_push(args.push, dry_run=args.dry_run, repo_type="model")
     elif args.dry_run or args.private:
         raise UserError("--dry-run and --private only apply with --push REPO_ID")
@@ -443,8 +442,6 @@ def main(args: argparse.Namespace) -> int:
         summary = run(cfg, wd)
         print(json.dumps(summary, indent=2))
     if args.push:
-        from trainers.card import push_run
-
         c = _cfg(cfg)
         held = c.get("heldout")
         push_run(wd, c["run"], args.push, _data_source(c, wd),

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,8 @@ def honour_umask(tree: str | os.PathLike[str]) -> None:
 
     Libraries that write through their own private temporary files (``safetensors``, for one,
     leaves ``model.safetensors`` at 0600) would otherwise make outputs unreadable to labmates.
-    Executable files stay executable; links are left alone.
+    Executable files stay executable; symbolic and hard links are left alone (a hard link shares
+    its mode with a file outside the tree).
     """
     mask = current_umask()
     tree = Path(tree)
@@ -67,7 +69,7 @@ def honour_umask(tree: str | os.PathLike[str]) -> None:
         for name in files:
             p = os.path.join(root, name)
             st = os.lstat(p)
-            if not os.path.islink(p):
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:  # a hard link's mode is its source's too
                 os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
     if tree.is_dir() and not tree.is_symlink():
         tree.chmod(0o777 & ~mask)

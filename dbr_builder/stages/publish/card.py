@@ -20,7 +20,11 @@ from typing import Any
 
 import yaml
 
-from dbr_builder.stages.filter.stats import summary_table
+from dbr_builder import __version__
+from dbr_builder.core.prompts import PromptError, template
+from dbr_builder.core.workdir import chains_path, generations_dir, pipeline_copy_path
+from dbr_builder.resources import resource_path
+from dbr_builder.stages.filter.stats import _md_table, load_stats, summary_table
 
 LICENCES_FILE = "licences.yaml"
 UNKNOWN_SOURCE = {"title": "", "homepage": "unknown", "licence": "other", "terms": "see the source dataset",
@@ -29,8 +33,6 @@ UNKNOWN_SOURCE = {"title": "", "homepage": "unknown", "licence": "other", "terms
 
 def load_sources() -> dict[str, dict[str, str]]:
     """``pipelines/licences.yaml``: per source dataset, its terms, homepage, download path and citation."""
-    from dbr_builder.resources import resource_path
-
     data = yaml.safe_load(resource_path("pipelines", LICENCES_FILE).read_text(encoding="utf-8"))
     return {name: {**UNKNOWN_SOURCE, **entry} for name, entry in (data.get("sources") or {}).items()}
 
@@ -173,8 +175,6 @@ def build_date(workdir: Path, datasets: list[str]) -> str:
     """UTC date of the newest filtered chains (``SOURCE_DATE_EPOCH`` wins): stable across re-publishes."""
     import datetime as dt
 
-    from dbr_builder.core.workdir import chains_path
-
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch and epoch.strip().isdigit():
         ts = int(epoch)
@@ -186,8 +186,6 @@ def build_date(workdir: Path, datasets: list[str]) -> str:
 
 def _teacher_specs(workdir: Path, dataset: str) -> list[str]:
     """The teacher specs ``dbr generate`` ran with (its summary files), without secrets or local paths."""
-    from dbr_builder.core.workdir import generations_dir
-
     specs = set()
     for f in sorted(generations_dir(workdir, dataset).glob("summary*.json")):
         try:
@@ -200,8 +198,6 @@ def _teacher_specs(workdir: Path, dataset: str) -> list[str]:
 
 
 def _prompt(name: str, recorded_ids: set[str]) -> dict[str, Any]:
-    from dbr_builder.core.prompts import PromptError, template
-
     try:
         text = template(name)
     except PromptError:
@@ -213,10 +209,6 @@ def _prompt(name: str, recorded_ids: set[str]) -> dict[str, Any]:
 
 def provenance(workdir: str | Path, datasets: list[str]) -> dict[str, Any]:
     """What the card's provenance block shows: teachers, prompts, pipeline, filter rules, version, date."""
-    from dbr_builder import __version__
-    from dbr_builder.core.workdir import pipeline_copy_path
-    from dbr_builder.stages.filter.stats import load_stats
-
     workdir = Path(workdir)
     prompts: dict[str, set[str]] = {}
     rules: dict[str, Any] = {}
@@ -270,8 +262,6 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
 
 
 def _stats_lines(ds: str, st: dict[str, Any]) -> list[str]:
-    from dbr_builder.stages.filter.stats import _md_table
-
     reasons = ", ".join(f"`{r['reason']}` {r['count']}" for r in st.get("reasons", [])) or "none"
     c = st.get("candidates", {})
     out = [f"### {ds}\n", f"{c.get('total', '?')} teacher candidates, {c.get('accepted', '?')} accepted "

@@ -10,7 +10,7 @@ commit is created; after an interruption, rerunning the same command skips what 
 uploaded.
 
 Options: ``revision`` (a branch; created from the default branch when missing), ``create_pr``
-(open a pull request with the commit instead of committing to the branch), ``tag`` (tag the new
+(open a pull request with the commit, against ``revision`` or the default branch), ``tag`` (tag the new
 commit, e.g. ``v1.0``), ``gated`` (``auto``/``manual``: users must accept the card's terms).
 
 The token comes from ``huggingface_hub.get_token()``: ``HF_TOKEN`` or the saved login of
@@ -148,7 +148,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, dry_run
 
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        if revision and not create_pr:
+        if revision:  # the branch to commit to (or to open the pull request against)
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
         parent, remote = remote_state(api, repo_id, repo_type, revision)
         plan = plan_operations(files, remote, owned)
