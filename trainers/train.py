@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.backends import check_sampling
 from dbr_builder.config import (
     Options,
     add_option,
@@ -170,7 +171,10 @@ def _loop_config(c: dict[str, Any], seed: int):
 
 
 def _sarr_config(c: dict[str, Any]):
-    return SarrConfig(**c["sarr"])
+    sc = SarrConfig(**c["sarr"])
+    if sc.rounds:
+        check_sampling(sc.n, sc.temperature, sc.top_p, "train.sarr")
+    return sc
 
 
 def _subsample(examples: list, n: int | None, seed: int) -> list:
@@ -370,14 +374,35 @@ def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork
                 model, encoder, part, sc, gen_seed), swork / "gen")
         return gen
     # A backend spec: "vllm" / "hf" alone mean "this student with the current adapter".
-    spec = sc.generator if ":" in sc.generator else f"{sc.generator}:{student}"
-    adapter = swork / "adapter_for_generation"
+    full = c["finetune"] == "full"
+    snapshot = swork / ("model_for_generation" if full else "adapter_for_generation")
     if state.is_main_process:
-        model.save_pretrained(adapter)
+        model.save_pretrained(snapshot)
+        if full:  # a fully fine-tuned student is served as a model folder of its own
+            encoder.processor.save_pretrained(snapshot)
     state.wait_for_everyone()
+    kind, target = (sc.generator.split(":", 1) + [""])[:2] if ":" in sc.generator else (sc.generator, "")
+    spec = f"{kind}:{snapshot if full else (target or student)}"
+    extra = {} if full else {"adapter": str(snapshot)}
 
     def gen(exs):
-        return sarr_mod.generate_with_backend(spec, exs, encoder, sc, gen_seed, work / "images", adapter=str(adapter))
+        # Its own step: the student leaves the GPU, a child process per rank serves it on that
+        # rank's GPU and exits (engine closed), then the student comes back for training.
+        import torch
+
+        device = next(model.parameters()).device
+        on_gpu = device.type == "cuda"
+        if on_gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        try:
+            return _sharded(state, list(exs), lambda part: sarr_mod.generate_in_subprocess(
+                spec, part, encoder, sc, gen_seed, work / "images", swork / f"gen_rank{state.process_index}",
+                gpu=(device.index if device.index is not None else state.local_process_index) if on_gpu else None,
+                **extra), swork / "gen")
+        finally:
+            if on_gpu:
+                model.to(device)
     return gen
 
 
@@ -393,6 +418,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     workdir = Path(workdir)
     check_student(c["student"])
     check_report_to(c["report_to"])
+    _sarr_config(c)  # sampling a backend would reject fails here, before any model loads
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)
