@@ -147,7 +147,6 @@ def card_yaml(infos: dict[str, Any], pretty_name: str, mode: str = "full") -> di
         out["extra_gated_heading"] = "Accept the source datasets' terms to access the images"
         out["extra_gated_prompt"] = gated_terms(list(infos))
         out["extra_gated_fields"] = {"Affiliation": "text",
-                                     "I will use the images for non-commercial research only": "checkbox",
                                      "I accept the terms of the source datasets listed above": "checkbox"}
     out["configs"] = configs
     out["dataset_info"] = dataset_info
