@@ -528,7 +528,7 @@ def _report(p: Plan, stats: dict[str, int], log: Any = None) -> dict[str, Any]:
     evaluated = {ds: doms for ds, doms in evaluated.items() if doms}
     paths = write_reports(records, p.eval_dir, evaluated, paper, cfg["error"],
                           title=f"Held-out-domain accuracy: run `{cfg['run']}`",
-                          all_domains=domains)
+                          all_domains=domains, num_classes={ds: len(d.classes) for ds, d in p.data.items()})
     log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
         logger.warning(f"{stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
