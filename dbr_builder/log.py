@@ -94,4 +94,3 @@ def setup_logging(level: int = logging.INFO) -> None:
         h._dbr = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(level)
-    root.propagate = False
