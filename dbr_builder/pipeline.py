@@ -19,6 +19,7 @@ from typing import Any
 from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.errors import ConfigError
 from dbr_builder.stages import download, filter, generate, index, publish, synth
 from dbr_builder.stages import evaluate as evaluate_stage
@@ -89,6 +90,8 @@ def plan(pipe: dict[str, Any], workdir: Path) -> list[Unit]:
             if not datasets:
                 raise ConfigError(f"stage `{name}` runs per dataset: give it `dataset:` or set top-level `datasets:`")
             for ds in datasets:
+                wdl.check_name(ds)
+            for ds in datasets:
                 c = {k: v for k, v in cfg.items() if k != "datasets"}
                 c["dataset"] = ds
                 units.append(Unit(name, stage, c, ds))
@@ -129,6 +132,26 @@ def run_pipeline(
     wd = Path(workdir or pipe.get("workdir") or "work")
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
+    with stage_lock(wd, "run", f"`dbr run {path}`"):
+        return _run_units(units, wd, start, until, force, log)
+
+
+def _read_stamp(stamp_file: Path, log) -> dict[str, Any] | None:
+    """A unit's stamp, or None when missing or unreadable (a corrupt stamp only means: run again)."""
+    if not stamp_file.exists():
+        return None
+    try:
+        stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
+        if not isinstance(stamp, dict):
+            raise ValueError("not a JSON object")
+        return stamp
+    except (ValueError, UnicodeDecodeError) as e:
+        log(f"note: {stamp_file}: corrupt stamp ({e}); ignoring it, the stage runs again")
+        return None
+
+
+def _run_units(units: list[Unit], wd: Path, start: str | None, until: str | None, force: bool,
+               log) -> dict[str, Any]:
     selected = _select(units, start, until)
     stamps = wdl.stamps_dir(wd)
     upstream: list[str] = []  # output fingerprints of earlier units, in order
@@ -144,7 +167,7 @@ def run_pipeline(
             "inputs": tree_fingerprint(in_paths),
         }
         stamp_file = stamps / f"{unit.stamp_name}.json"
-        stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else None
+        stamp = _read_stamp(stamp_file, log)
         fresh = (
             stamp is not None
             and stamp.get("key") == key
@@ -159,8 +182,7 @@ def run_pipeline(
         else:
             log(f"[run ] {unit.label}")
             t0 = time.perf_counter()
-            if stamp_file.exists():
-                stamp_file.unlink()  # a crash mid-stage must not leave a stale "fresh" stamp
+            stamp_file.unlink(missing_ok=True)  # a crash mid-stage must not leave a stale "fresh" stamp
             summary = mod.run(unit.cfg, wd)
             write_json_atomic(
                 stamp_file,

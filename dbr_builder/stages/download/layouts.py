@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -89,12 +91,41 @@ def remove_listed(dest: Path, listing: Path) -> int:
 
 
 def copy_tree(src: Path, dest: Path) -> None:
-    """Copy a DomainBed tree the user already has (hard links when on the same file system)."""
+    """Copy a DomainBed tree the user already has (hard links when on the same file system).
+
+    Links inside the tree are followed; links that lead out of it and anything that is not a
+    regular file or folder (FIFOs, sockets, devices) are left out, with a warning.
+    """
+    real = os.path.realpath(src)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = set()
+        for n in names:
+            p = os.path.join(folder, n)
+            r = os.path.realpath(p)
+            if not (r == real or r.startswith(real.rstrip(os.sep) + os.sep)):
+                print(f"warning: {p}: leaves {src} through a link; not copied", file=sys.stderr)
+                skip.add(n)
+                continue
+            here = os.path.realpath(folder)
+            if os.path.islink(p) and os.path.isdir(p) and (here == r or here.startswith(r.rstrip(os.sep) + os.sep)):
+                print(f"warning: {p}: a link to a folder above it (a loop); not copied", file=sys.stderr)
+                skip.add(n)
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except OSError:
+                skip.add(n)
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                print(f"warning: {p}: not a regular file; not copied", file=sys.stderr)
+                skip.add(n)
+        return skip
 
     def link_or_copy(s: str, d: str) -> None:
         try:
-            os.link(s, d)
+            os.link(os.path.realpath(s), d)
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False)
+    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False, ignore=ignore)

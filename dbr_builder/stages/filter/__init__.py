@@ -41,6 +41,8 @@ flagged ``hinted``. The work is stored in the same append-only store, so a rerun
 from __future__ import annotations
 
 import argparse
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,10 +51,20 @@ from dbr_builder.backends import BackendError, parse_spec
 from dbr_builder.config import load_schema, load_stage_config, stage_schema, validate
 from dbr_builder.core.answers import matcher, synonyms_for
 from dbr_builder.core.chains import FIELDS, parse_chains_frame
-from dbr_builder.core.fsutil import atomic_path
+from dbr_builder.core.fsutil import (
+    atomic_path,
+    commit_moves,
+    make_temp_dir,
+    os_error_of,
+    recover_dir,
+    recover_moves,
+    remove_temps,
+    temp_beside,
+)
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import load_manifest
 from dbr_builder.core.store import read_results
-from dbr_builder.core.workdir import chains_path, rejects_path, reports_dir
+from dbr_builder.core.workdir import chains_path, check_name, rejects_path, reports_dir
 from dbr_builder.errors import ConfigError
 from dbr_builder.stages.filter.stats import approx_tokens, markdown_table, summary_table, write_report
 from dbr_builder.stages.generate import generate_for_images
@@ -362,6 +374,58 @@ def write_parquet_atomic(df: pl.DataFrame, dest: Path) -> None:
         df.write_parquet(tmp, compression="zstd", statistics=False)
 
 
+def journal_path(workdir: Path, dataset: str) -> Path:
+    """``W/chains/.<Dataset>.commit.json``: present only while the outputs are being swapped in."""
+    return chains_path(workdir, dataset).with_name(f".{dataset}.commit.json")
+
+
+def recover_outputs(workdir: Path, dataset: str) -> None:
+    """Finish an interrupted commit of the filter's outputs and remove a killed run's temporaries.
+
+    Call while holding the filter lock of ``dataset`` (:func:`outputs_lock`).
+    """
+    workdir = Path(workdir)
+    recover_moves(journal_path(workdir, dataset))
+    for dest in (chains_path(workdir, dataset), rejects_path(workdir, dataset)):
+        if dest.parent.is_dir():
+            remove_temps(dest.parent, dest.name)
+    recover_dir(reports_dir(workdir, dataset), clean_temps=True)
+
+
+def outputs_lock(workdir: Path, dataset: str):
+    """The filter lock of ``dataset`` (held by the filter; readers take it to see one consistent unit)."""
+    return stage_lock(workdir, f"filter-{dataset}", f"filter {dataset}")
+
+
+def _commit(workdir: Path, dataset: str, kept: pl.DataFrame, rejects: pl.DataFrame,
+            write_report_to: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write chains, rejects and the report as one unit (see :func:`dbr_builder.core.fsutil.commit_moves`)."""
+    cp, rp, rd = chains_path(workdir, dataset), rejects_path(workdir, dataset), reports_dir(workdir, dataset)
+    temps: list[Path] = []
+    try:
+        for df, dest in ((kept, cp), (rejects, rp)):
+            tmp = temp_beside(dest, ".parquet")
+            temps.append(tmp)
+            try:
+                df.write_parquet(tmp, compression="zstd", statistics=False)
+            except Exception as e:
+                err = os_error_of(e, dest)
+                if err is not None:
+                    raise err from None
+                raise
+        tmp_dir = make_temp_dir(rd.parent, rd.name)
+        temps.append(tmp_dir)
+        report = write_report_to(tmp_dir)
+        commit_moves([(temps[0], cp), (temps[1], rp), (tmp_dir, rd)], journal_path(workdir, dataset))
+        return report
+    finally:
+        for t in temps:
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            elif t.exists():
+                t.unlink()
+
+
 def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: list[str]) -> int:
     """Ask the teacher for hinted chains for ``image_ids``; return how many images were sent."""
     rcfg = cfg.get("rationalize") or {}
@@ -383,13 +447,10 @@ def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: li
     return len(image_ids)
 
 
-def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Filter one dataset's candidates; write chains, rejects and the stats report."""
+def _filter(cfg: dict[str, Any], workdir: Path, dataset: str) -> tuple[Any, Any, dict[str, Any], int, Any]:
+    """Evaluate, select and write (under the filter lock); (kept, rejects, report, rationalized, manifest)."""
     import polars as pl
 
-
-    dataset = cfg["dataset"]
-    workdir = Path(workdir)
     manifest, meta = load_manifest(workdir, dataset)
     classes = list(meta["classes"])
     rules = Rules.from_cfg(cfg, dataset, classes)
@@ -415,10 +476,18 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     kept = kept_table(ev, manifest, rules.select)
     rejects = rejects_table(ev, manifest)
     validate_kept(kept, classes)
-    write_parquet_atomic(kept, chains_path(workdir, dataset))
-    write_parquet_atomic(rejects, rejects_path(workdir, dataset))
-    report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
+    report = _commit(workdir, dataset, kept, rejects,
+                     lambda out: write_report(workdir, dataset, ev, manifest, kept, rationalized=sent, out_dir=out))
+    return kept, rejects, report, sent, manifest
 
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Filter one dataset's candidates; write chains, rejects and the stats report (one unit)."""
+    dataset = check_name(cfg["dataset"])
+    workdir = Path(workdir)
+    with outputs_lock(workdir, dataset):
+        recover_outputs(workdir, dataset)
+        kept, rejects, report, sent, manifest = _filter(cfg, workdir, dataset)
     print(f"{dataset}: filter report -> {Path(workdir) / 'reports' / dataset / 'stats.md'}")
     print(summary_table(report))
     return {"images": manifest.height, "kept": kept.height, "rejected": rejects.height,
