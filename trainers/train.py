@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dbr_builder.config import load_stage_config, validate_options
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
+from dbr_builder.core.locks import stage_lock
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError, UserError
 from trainers import sarr as sarr_mod
 from trainers.data import SampleEncoder, load_published, lodo_split, safe_split_name
@@ -69,7 +72,7 @@ def _datasets(cfg: dict[str, Any]) -> list[str]:
     ds = [cfg["dataset"]] if cfg.get("dataset") else list(cfg.get("datasets") or [])
     if not ds:
         raise ConfigError("train: no dataset; set `datasets:` in the pipeline or pass --dataset")
-    return ds
+    return [check_name(d) for d in ds]
 
 
 def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
@@ -393,6 +396,14 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
     check_student(c["student"])
+    check_name(c["run"], "run name")
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP: rank 0 holds the lock for the whole job
+        return _run(c, workdir)
+    with stage_lock(workdir, f"train-{c['run']}", f"train (run {c['run']})"):
+        return _run(c, workdir)
+
+
+def _run(c: dict[str, Any], workdir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from dbr_builder.core.sanitize import redact
+
 
 @dataclass
 class Request:
@@ -77,7 +79,10 @@ def redact_spec(spec: Any) -> str:
     if not isinstance(spec, str):
         return str(spec)  # not a spec at all (None, a number): nothing to hide
     head, *opts = spec.split(",")
-    head = re.sub(r"//[^/@\s]+@", "//***@", head)
+    kind = head.partition(":")[0].strip().lower()
+    if kind not in KINDS and not re.fullmatch(r"[a-z][a-z0-9_-]{0,11}", kind):
+        return "***"  # not a spec: possibly a key pasted into --teacher; never echo it
+    head = redact(re.sub(r"//[^/@\s]+@", "//***@", head)) or head
     # A bare value (no key=) may be a pasted key: never echo it either.
     masked = [o if "=" in o and not _SECRET_KEY.search(o.partition("=")[0]) else
               (f"{o.partition('=')[0]}=***" if "=" in o else "***") for o in opts]
@@ -92,8 +97,9 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     kind, _, target = head.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
+        shown = redact_spec(spec)
         raise BackendError(
-            f"teacher spec {redact_spec(spec)!r}: unknown backend {kind!r}; use one of "
+            f"teacher spec {shown!r}: unknown backend{'' if shown == '***' else f' {kind!r}'}; use one of "
             "vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, oracle"
         )
     options: dict[str, Any] = {}

@@ -46,15 +46,15 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".")
 
 
-# errno values whose messages are worth a path and a fix rather than a traceback
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+# write-side errno values: the output, not some input, is what the message must name
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)|errno[ =:]+(\d+)", re.I)
 _TEXT_ERRNO = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS,
-               "disk quota exceeded": errno.EDQUOT, "permission denied": errno.EACCES}
+               "disk quota exceeded": errno.EDQUOT, "database or disk is full": errno.ENOSPC}
 
 
 def os_error_of(e: BaseException, path: str | os.PathLike[str]) -> OSError | None:
-    """An ``OSError`` naming ``path`` for a disk-level failure (full, read-only, quota, permissions).
+    """An ``OSError`` naming ``path`` for a disk-level write failure (full, read-only, quota).
 
     Native writers (polars, pyarrow, SQLite) report these as their own exception types, or as
     an OSError naming a temporary file; this gives the CLI one line naming the real output.
@@ -75,6 +75,22 @@ def os_error_of(e: BaseException, path: str | os.PathLike[str]) -> OSError | Non
 
 
 @contextlib.contextmanager
+def naming(dest: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise a disk-level failure inside the block as an ``OSError`` naming ``dest``.
+
+    Whatever did the writing (polars, pyarrow, SQLite, a temporary file), the user reads the
+    output it was for and what to do (see :func:`dbr_builder.errors.describe_os_error`).
+    """
+    try:
+        yield
+    except Exception as e:
+        err = os_error_of(e, dest)
+        if err is not None and not (isinstance(e, OSError) and e.filename == str(dest)):
+            raise err from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success.
 
@@ -84,14 +100,10 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     dest = Path(dest)
     tmp_path: Path | None = None
     try:
-        tmp_path = temp_beside(dest, suffix)
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    except Exception as e:
-        err = os_error_of(e, dest)
-        if err is not None and not (isinstance(e, OSError) and e.filename == str(dest)):
-            raise err from None
-        raise
+        with naming(dest):
+            tmp_path = temp_beside(dest, suffix)
+            yield tmp_path
+            os.replace(tmp_path, dest)
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()

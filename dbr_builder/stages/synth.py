@@ -20,7 +20,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from dbr_builder.config import validate_options
 from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
     CLASSES,
@@ -32,7 +34,6 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     STYLES,
     load_scenes,
 )
-from dbr_builder.errors import UserError
 
 
 def _rng(*key: Any) -> random.Random:
@@ -162,15 +163,15 @@ def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, imag
     The tree is built in a temporary folder beside the target and renamed into place,
     so an interrupted run never leaves a partial dataset.
     """
-    if per_class < 1 or image_size < 32:
-        raise ValueError("per_class must be >= 1 and image_size >= 32")
+    if per_class < 1 or not 32 <= image_size <= 2048 or seed < 0:
+        raise ValueError("per_class must be >= 1, image_size in [32, 2048] and seed >= 0")
     root = Path(root)
     dest = root / DATASET
     params = {"seed": seed, "per_class": per_class, "image_size": image_size, "version": 1}
     meta_path = dest / META_FILE
-    if not force and meta_path.exists() and json.loads(meta_path.read_text()) == params:
+    if not force and meta_path.exists() and _read_meta(meta_path) == params:
         return dest
-    with atomic_dir(dest) as tmp:
+    with stage_lock(root, "synth", "synth"), atomic_dir(dest) as tmp:
         scenes = []
         jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
         from tqdm import tqdm
@@ -188,6 +189,13 @@ def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, imag
                 f.write(json.dumps(s, sort_keys=True) + "\n")
         write_json_atomic(tmp / META_FILE, params)
     return dest
+
+
+def _read_meta(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # corrupt: the tree is rebuilt
 
 
 # --- stage protocol -------------------------------------------------------------------------
@@ -220,8 +228,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.per_class < 1 or args.image_size < 32:
-        raise UserError("--per-class must be >= 1 and --image-size >= 32")
+    flags = {"seed": "--seed", "per_class": "--per-class", "image_size": "--image-size"}
+    validate_options({k: getattr(args, k) for k in flags}, "synth", "command line", flags)
     dest = write_synthshapes(args.root, args.seed, args.per_class, args.image_size, force=args.force, progress=True)
     n = args.per_class * len(CLASSES) * len(DOMAINS)
     print(f"SynthShapes: {n} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {args.per_class}) in {dest}")

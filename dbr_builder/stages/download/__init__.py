@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.config import validate_options
 from dbr_builder.core.fsutil import swap_dir
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.errors import UserError
 from dbr_builder.stages.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
@@ -90,6 +92,11 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Make ``ROOT/<folder>`` hold the dataset; no network work when it is already complete."""
     spec = get_dataset(cfg["dataset"], cfg.get("registry"))
     root = _root(cfg, workdir)
+    with stage_lock(root, f"download-{spec.name}", f"download {spec.name}"):
+        return _run(cfg, spec, root)
+
+
+def _run(cfg: dict[str, Any], spec: DatasetSpec, root: Path) -> dict[str, Any]:
     dest = root / spec.folder
     strict = bool(cfg.get("strict", False))
     force = bool(cfg.get("force", False))
@@ -220,5 +227,7 @@ def main(args: argparse.Namespace) -> int:
            "max_extract_bytes": args.max_extract_bytes, "timeout": args.timeout, "retries": args.retries,
            "delete_archives": args.delete_archives, "check_duplicates": args.check_duplicates}
     cfg = {k: v for k, v in cfg.items() if v is not None}
+    flags = {"timeout": "--timeout", "retries": "--retries", "max_extract_bytes": "--max-extract-bytes"}
+    validate_options({k: cfg.get(k) for k in flags}, "download", "command line", flags)
     run(cfg, Path("work"))
     return 0

@@ -55,7 +55,7 @@ from dbr_builder.core.fsutil import (
     atomic_path,
     commit_moves,
     make_temp_dir,
-    os_error_of,
+    naming,
     recover_dir,
     recover_moves,
     remove_temps,
@@ -404,19 +404,16 @@ def _commit(workdir: Path, dataset: str, kept: pl.DataFrame, rejects: pl.DataFra
     temps: list[Path] = []
     try:
         for df, dest in ((kept, cp), (rejects, rp)):
-            tmp = temp_beside(dest, ".parquet")
-            temps.append(tmp)
-            try:
+            with naming(dest):
+                tmp = temp_beside(dest, ".parquet")
+                temps.append(tmp)
                 df.write_parquet(tmp, compression="zstd", statistics=False)
-            except Exception as e:
-                err = os_error_of(e, dest)
-                if err is not None:
-                    raise err from None
-                raise
-        tmp_dir = make_temp_dir(rd.parent, rd.name)
-        temps.append(tmp_dir)
-        report = write_report_to(tmp_dir)
-        commit_moves([(temps[0], cp), (temps[1], rp), (tmp_dir, rd)], journal_path(workdir, dataset))
+        with naming(rd):
+            tmp_dir = make_temp_dir(rd.parent, rd.name)
+            temps.append(tmp_dir)
+            report = write_report_to(tmp_dir)
+        with naming(cp):
+            commit_moves([(temps[0], cp), (temps[1], rp), (tmp_dir, rd)], journal_path(workdir, dataset))
         return report
     finally:
         for t in temps:

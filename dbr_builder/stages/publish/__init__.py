@@ -27,6 +27,7 @@ from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import (
     atomic_dir,
     is_temp_name,
+    naming,
     read_parquet,
     recover_dir,
     remove_temps,
@@ -183,7 +184,7 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
             loaded[ds] = (_read_chains(workdir, ds), {**meta, "dataset": ds}, load_stats(workdir, ds))
         infos: dict[str, Any] = {}
         for ds, (chains, meta, stats) in loaded.items():
-            with atomic_dir(hub / "data" / ds) as tmp:
+            with naming(hub / "data" / ds), atomic_dir(hub / "data" / ds) as tmp:
                 splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress)
             infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": stats,
                          "teachers": sorted(set(chains.get_column("teacher").to_list()))}
