@@ -24,7 +24,7 @@ from dbr_builder.errors import UserError
 from dbr_builder.stages.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
 from dbr_builder.stages.download.hub import MirrorError
-from dbr_builder.stages.download.layouts import LayoutError
+from dbr_builder.stages.download.layouts import LayoutError, confine_links
 from dbr_builder.stages.download.registry import DatasetSpec, dataset_folder, get_dataset, load_registry
 from dbr_builder.stages.download.sources import Context, build_archives, build_from, build_hub
 from dbr_builder.stages.download.verify import (
@@ -154,6 +154,10 @@ def _run(cfg: dict[str, Any], spec: DatasetSpec, root: Path) -> dict[str, Any]:
                 build_archives(ctx, src, new)
                 used = src.name
             lock.save()  # artifact records survive even if the count check below fails
+            dropped = confine_links(new)
+            if dropped:
+                print(f"warning: {spec.name}: removed {len(dropped)} link(s) that lead out of the dataset folder "
+                      f"(e.g. {dropped[0]})", file=sys.stderr)
             check = _check(spec, new, strict, dups)
             _install(new, dest)
             _record(lock, spec, dest, used, check, ctx.artifacts)

@@ -72,6 +72,27 @@ def apply_layout(layout: dict[str, Any], work: Path, dest: Path, domains: Iterab
     return dest
 
 
+def confine_links(tree: Path) -> list[str]:
+    """Remove the links in a finished dataset tree that lead out of it (or nowhere); return them.
+
+    Extraction keeps links inside the extraction folder, but the layout then moves one
+    sub-folder into place: a link that climbed above it now points outside the dataset
+    (into the staging area, soon deleted, or further). Such links are dropped.
+    """
+    real = os.path.realpath(tree)
+    dropped = []
+    for folder, dirs, files in os.walk(tree):  # links are not followed
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                continue
+            r = os.path.realpath(p)
+            if not (r == real or r.startswith(real.rstrip(os.sep) + os.sep)) or not os.path.exists(p):
+                os.unlink(p)
+                dropped.append(os.path.relpath(p, tree))
+    return dropped
+
+
 def remove_listed(dest: Path, listing: Path) -> int:
     """Delete the files listed (paths relative to ``dest``) in ``listing``; return how many existed."""
     n = 0
