@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from dbr_builder.errors import UserError
+from dbr_builder.log import get_logger
 from dbr_builder.stages.download.terra import build_terra
+
+log = get_logger(__name__)
 
 
 class LayoutError(UserError):
@@ -125,12 +127,12 @@ def copy_tree(src: Path, dest: Path) -> None:
             p = os.path.join(folder, n)
             r = os.path.realpath(p)
             if not (r == real or r.startswith(real.rstrip(os.sep) + os.sep)):
-                print(f"warning: {p}: leaves {src} through a link; not copied", file=sys.stderr)
+                log.warning(f"{p}: leaves {src} through a link; not copied")
                 skip.add(n)
                 continue
             here = os.path.realpath(folder)
             if os.path.islink(p) and os.path.isdir(p) and (here == r or here.startswith(r.rstrip(os.sep) + os.sep)):
-                print(f"warning: {p}: a link to a folder above it (a loop); not copied", file=sys.stderr)
+                log.warning(f"{p}: a link to a folder above it (a loop); not copied")
                 skip.add(n)
                 continue
             try:
@@ -139,7 +141,7 @@ def copy_tree(src: Path, dest: Path) -> None:
                 skip.add(n)
                 continue
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                print(f"warning: {p}: not a regular file; not copied", file=sys.stderr)
+                log.warning(f"{p}: not a regular file; not copied")
                 skip.add(n)
         return skip
 
