@@ -422,6 +422,8 @@ def _commit(workdir: Path, dataset: str, kept: pl.DataFrame, rejects: pl.DataFra
             commit_moves([(temps[0], cp), (temps[1], rp), (tmp_dir, rd)], journal_path(workdir, dataset))
         return report
     finally:
+        if journal_path(workdir, dataset).exists():
+            temps = []  # past the commit point: the next run (or reader) finishes the moves
         for t in temps:
             if t.is_dir():
                 shutil.rmtree(t, ignore_errors=True)
