@@ -69,9 +69,27 @@ def os_error_of(e: BaseException, path: str | os.PathLike[str]) -> OSError | Non
         else:
             low = text.lower()
             code = next((v for k, v in _TEXT_ERRNO.items() if k in low), None)
+    if code is None and not isinstance(e, (KeyboardInterrupt, MemoryError)):
+        code = _disk_state(Path(path))  # some writers only say "transport error"
     if code not in _DISK_ERRNOS:
         return None
     return OSError(code, os.strerror(code), str(path))
+
+
+def _disk_state(path: Path) -> int | None:
+    """ENOSPC / EROFS when the file system holding ``path`` is full / read-only, else None."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail == 0:
+        return errno.ENOSPC
+    return None
 
 
 @contextlib.contextmanager

@@ -73,8 +73,11 @@ def stage_lock(workdir: str | os.PathLike[str], name: str, what: str | None = No
             ) from None
         info = {"pid": os.getpid(), "command": redact(" ".join(["dbr" if i == 0 else a for i, a in enumerate(sys.argv)])),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        except OSError:
+            pass  # a full disk: the lock still holds, only the holder's description is missing
         try:
             yield path
         finally:

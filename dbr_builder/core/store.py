@@ -141,7 +141,11 @@ def store_files(workdir: str | os.PathLike[str], dataset: str) -> list[Path]:
 def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Exception:
     """The user-facing error for a store file that is not a readable SQLite store."""
     msg = str(e).lower()
-    if "disk is full" in msg:
+    try:
+        no_space = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        no_space = False
+    if "disk is full" in msg or (no_space and ("i/o" in msg or "unable to open" in msg)):
         return UserError(f"{path}: the disk is full ({e}); free space and rerun (stored work is kept)")
     if "readonly" in msg or "read-only" in msg:
         return UserError(f"{path}: cannot write the store ({e}); the folder or file system is read-only: "
@@ -158,6 +162,17 @@ def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Except
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            con.close()
+            # Reading a WAL-mode file needs a -shm file beside it, which a full or read-only
+            # disk cannot hold. With no WAL content left (every writer closed cleanly), the
+            # main file is the whole store: read it as immutable instead.
+            wal = Path(f"{path}-wal")
+            if not isinstance(e, sqlite3.OperationalError) or (wal.exists() and wal.stat().st_size > 0):
+                raise _unusable(path, e) from None
+            con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=60)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(path, timeout=60, isolation_level=None)
