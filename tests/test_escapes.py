@@ -152,6 +152,7 @@ def test_tar_hard_link_to_an_earlier_file_is_copied(box):
 
 
 @pytest.mark.parametrize("kind", ["tar", "zip"])
+@pytest.mark.filterwarnings("ignore:Duplicate name")
 def test_file_member_never_writes_through_an_earlier_link(box, kind):
     arch, target = box
     if kind == "tar":
