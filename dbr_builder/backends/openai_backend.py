@@ -14,8 +14,9 @@ byte arrives. Connecting is bounded by ``connect_timeout``. A dead endpoint fail
 one request has used all its attempts on connection errors or timeouts while no response of
 any kind came back, the endpoint is marked unreachable and every other request fails at once
 (rerun the command when it is back). With the defaults (6 attempts, backoff 1+2+4+8+16 s at
-most, 10 s to connect) that is about 90 s after the first request when the host does not
-answer, and about 30 s when it refuses connections.
+most, 10 s to connect) that is about 30 s after the first request when connections are
+refused and about 90 s when they time out; a server that accepts connections but never
+answers costs ``(max_retries + 1) * timeout`` (12 min), as it cannot be told from a slow one.
 """
 
 from __future__ import annotations
