@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbr_builder.core.fsutil import atomic_dir, write_text_atomic
+from dbr_builder.core.fsutil import atomic_dir, remove_temps, write_text_atomic
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
 
@@ -259,6 +259,8 @@ def train_stage(
         log(f"[{desc}] resuming from checkpoint at step {start}/{total} ({ckpt})")
     elif (work / CKPT).exists():
         shutil.rmtree(work / CKPT)
+    if accelerator.is_main_process:
+        remove_temps(work, CKPT)  # half-written checkpoints of a killed run
 
     wrapped = AnswerNLL(model, fast=lc.fast_head)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)

@@ -11,10 +11,12 @@ write true reasoning chains from them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from dbr_builder.config import (
     schema_defaults,
     validate_options,
 )
-from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
+from dbr_builder.core.fsutil import atomic_dir, recover_dir, write_json_atomic
 from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
@@ -183,7 +185,7 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
     meta_path = dest / META_FILE
     if not force and meta_path.exists() and _read_meta(meta_path) == params:
         return dest
-    with stage_lock(root, "synth", "synth"), atomic_dir(dest) as tmp:
+    with _locked_dir(root, dest) as tmp:
         scenes = []
         jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
         from tqdm import tqdm
@@ -201,6 +203,15 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
                 f.write(json.dumps(s, sort_keys=True) + "\n")
         write_json_atomic(tmp / META_FILE, params)
     return dest
+
+
+@contextlib.contextmanager
+def _locked_dir(root: Path, dest: Path) -> Iterator[Path]:
+    """``atomic_dir(dest)`` under the synth lock, after removing a killed run's leftovers."""
+    with stage_lock(root, "synth", "synth"):
+        recover_dir(dest, clean_temps=True)
+        with atomic_dir(dest) as tmp:
+            yield tmp
 
 
 def _read_meta(path: Path) -> Any:
