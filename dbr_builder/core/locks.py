@@ -1,11 +1,17 @@
 """Advisory per-stage locks: two dbr processes never write the same outputs at once.
 
-``stage_lock(W, "publish")`` holds an exclusive ``fcntl.flock`` on ``W/.locks/publish.lock``
+``stage_lock(W, "publish")`` holds an exclusive ``fcntl`` lock on ``W/.locks/publish.lock``
 for the duration of a ``with`` block. A second process asking for the same lock fails at
 once with a message naming the holder's PID and command line (written into the lock file
 by the holder). The kernel drops the lock when its holder exits, even after ``kill -9``,
 so a lock file left on disk never blocks anyone. Lock names are per stage and per unit of
 output (``generate-PACS-00001-of-00004``): independent shards never block each other.
+
+The locks are POSIX record locks (``fcntl.lockf``), which belong to the process: child
+processes (decode workers, an inference engine) do not inherit them, so a child that
+outlives a killed parent never keeps a stage locked. They guard against other processes,
+not other threads; and the holder must not open and close its own lock file elsewhere
+(closing any descriptor of the file drops a POSIX lock), which only this module does.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 from dbr_builder.core.sanitize import redact
 from dbr_builder.core.workdir import locks_dir
 from dbr_builder.errors import UserError
+
+_held: set[str] = set()  # lock files this process holds
 
 
 class LockHeld(UserError):
@@ -53,6 +61,10 @@ def stage_lock(workdir: str | os.PathLike[str], name: str, what: str | None = No
     Raises :class:`LockHeld` naming the holder when another process holds it.
     """
     path = lock_path(workdir, name)
+    key = os.path.realpath(path)
+    if key in _held:  # already ours (a nested call): POSIX locks are per process, and closing
+        yield path  # a second descriptor of the file would drop the outer one
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -65,8 +77,10 @@ def stage_lock(workdir: str | os.PathLike[str], name: str, what: str | None = No
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise LockHeld(
                 f"{path}: {what or name} is already running on this work directory ({_holder(fd)}); "
                 "wait for it to finish (or stop it), then rerun"
@@ -78,32 +92,14 @@ def stage_lock(workdir: str | os.PathLike[str], name: str, what: str | None = No
             os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         except OSError:
             pass  # a full disk: the lock still holds, only the holder's description is missing
+        _held.add(key)
         try:
             yield path
         finally:
+            _held.discard(key)
             try:
                 os.ftruncate(fd, 0)
             except OSError:
                 pass
     finally:
         os.close(fd)  # releases the lock
-
-
-def is_locked(workdir: str | os.PathLike[str], name: str) -> str | None:
-    """The holder description if ``name`` is locked by another process, else None (non-blocking probe)."""
-    path = lock_path(workdir, name)
-    if not path.exists():
-        return None
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
