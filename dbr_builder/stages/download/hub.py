@@ -71,6 +71,8 @@ def parquet_files(base: Path, patterns: tuple[str, ...] | list[str]) -> list[Pat
     """Parquet files under ``base`` matching any of ``patterns`` (relative posix paths), sorted."""
     out = []
     for p in sorted(base.rglob("*.parquet")):
+        if any(part.startswith(".") for part in p.relative_to(base).parts):
+            continue  # temporaries and caches (.cache/, .x.parquet.tmp) are never data
         rel = p.relative_to(base).as_posix()
         if not patterns or any(fnmatch.fnmatch(rel, pat) for pat in patterns):
             out.append(p)
