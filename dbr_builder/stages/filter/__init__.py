@@ -41,6 +41,8 @@ flagged ``hinted``. The work is stored in the same append-only store, so a rerun
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -481,8 +483,10 @@ def _filter(cfg: dict[str, Any], workdir: Path, dataset: str) -> tuple[Any, Any,
     kept = kept_table(ev, manifest, rules.select)
     rejects = rejects_table(ev, manifest)
     validate_kept(kept, classes)
+    rules_json = json.loads(json.dumps(dataclasses.asdict(rules), default=list))
     report = _commit(workdir, dataset, kept, rejects,
-                     lambda out: write_report(workdir, dataset, ev, manifest, kept, rationalized=sent, out_dir=out))
+                     lambda out: write_report(workdir, dataset, ev, manifest, kept, rationalized=sent, out_dir=out,
+                                              rules=rules_json))
     return kept, rejects, report, sent, manifest
 
 
