@@ -5,7 +5,7 @@
 - ``tensorboard`` (default): event files in ``<seed folder>/tensorboard/<stage>/``, written on
   this machine, no account or network; ``tensorboard --logdir W/runs/<run>`` shows every unit.
   Needs the ``tensorboard`` package (a core dependency: torch's ``SummaryWriter`` writes
-  through it).
+  through it; if it is missing from a stale environment, training goes on with a warning).
 - ``trackio`` / ``wandb``: the optional ``[tracking]`` extra (``pip install 'dbr-builder[tracking]'``);
   never on by default. Trackio logs to a local database unless told to sync to a Space; W&B needs
   a login (or ``WANDB_MODE=offline``).
@@ -27,6 +27,9 @@ from typing import Any
 
 from dbr_builder.core.fsutil import atomic_path
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import get_logger
+
+logger = get_logger(__name__)
 
 TRACKERS = ("tensorboard", "trackio", "wandb", "none")
 DEFAULT_REPORT_TO = ("tensorboard",)
@@ -58,11 +61,8 @@ class Tracker:
 
 class _TensorBoard:
     def __init__(self, logdir: Path, config: dict[str, Any]):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # tensorboard is a core dependency; say how to get it back
-            raise UserError(f"report_to: tensorboard needs the `tensorboard` package ({e}); "
-                            "pip install tensorboard, or set report_to: [none]") from None
+        from torch.utils.tensorboard import SummaryWriter  # ImportError without the `tensorboard` package
+
         logdir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(logdir))
         self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -123,7 +123,11 @@ def make_tracker(report_to: Iterable[str] | str | None, logdir: Path, project: s
     backends: list[Any] = []
     for n in check_report_to(report_to):
         if n == "tensorboard":
-            backends.append(_TensorBoard(Path(logdir), config))
+            try:
+                backends.append(_TensorBoard(Path(logdir), config))
+            except ImportError as e:  # a core dependency; a stale environment must not stop training
+                logger.warning(f"report_to: tensorboard needs the `tensorboard` package ({e}); "
+                               "logging to log.jsonl only (pip install tensorboard)")
         elif n == "trackio":
             backends.append(_Trackio(project, name, config))
         elif n == "wandb":

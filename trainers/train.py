@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from dbr_builder.config import (
 )
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
+from dbr_builder.core.locks import stage_lock
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
 from dbr_builder.stages.publish.push import check_push
@@ -54,7 +57,7 @@ def _datasets(cfg: dict[str, Any]) -> list[str]:
     ds = [cfg["dataset"]] if cfg.get("dataset") else list(cfg.get("datasets") or [])
     if not ds:
         raise ConfigError("train: no dataset; set `datasets:` in the pipeline or pass --dataset")
-    return ds
+    return [check_name(d) for d in ds]
 
 
 def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
@@ -438,6 +441,14 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Train every (dataset, held-out domain, trial seed) of the config; return their selections."""
     c = _checked(cfg)
     workdir = Path(workdir)
+    check_name(c["run"], "run name")
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP: rank 0 holds the lock for the whole job
+        return _run(c, workdir)
+    with stage_lock(workdir, f"train-{c['run']}", f"train (run {c['run']})"):
+        return _run(c, workdir)
+
+
+def _run(c: dict[str, Any], workdir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)
@@ -470,9 +481,18 @@ def job_units(cfg: dict[str, Any], workdir: Path, opts: dict[str, Any] | None = 
 def run_unit(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> dict[str, Any]:
     """Train one unit (MTCT, SARR rounds, selection); under several processes each runs this as one rank."""
     c = _checked(cfg)
+    check_name(c["run"], "run name")
     by_domain = load_published(_data_source(c, Path(workdir)), unit["dataset"])
-    sj = train_one(c, Path(workdir), unit["dataset"], unit["heldout"], int(unit["seed"]), by_domain)
-    return _unit_summary(sj)
+
+    def one() -> dict[str, Any]:
+        return _unit_summary(train_one(c, Path(workdir), unit["dataset"], unit["heldout"], int(unit["seed"]),
+                                       by_domain))
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP: rank 0 holds the lock for the whole unit
+        return one()
+    # one lock per unit (not per run): the units of a run train side by side in their own jobs
+    with stage_lock(workdir, f"train-{c['run']}-{unit['id']}", f"train (run {c['run']}, unit {unit['id']})"):
+        return one()
 
 
 def unit_outputs(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> list[Path]:
