@@ -444,7 +444,7 @@ def unit_outputs(cfg: dict[str, Any], workdir: Path, unit: dict[str, Any]) -> li
 def collect(cfg: dict[str, Any], workdir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Once every shard has ended: merge the shard stores into ``results.sqlite``; sum the shard summaries."""
     workdir = Path(workdir)
-    merged = merge_dataset(workdir, cfg["dataset"])
+    merged = merge_shards(workdir, cfg["dataset"])
     keys = ("images", "candidates_wanted", "already_done", "generated", "requests_sent", "out_tokens",
             "failed_images")
     total = {k: sum(int(r.get(k) or 0) for r in results.values()) for k in keys}
