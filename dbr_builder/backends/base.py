@@ -34,6 +34,7 @@ class Result:
     out_tokens: int
     finish_reasons: list[str] = field(default_factory=list)
     error: str | None = None
+    in_tokens: int | None = None  # prompt tokens billed for the request, when the backend reports them
 
 
 @runtime_checkable
@@ -49,7 +50,7 @@ class BackendError(ValueError):
     """A backend spec or option is invalid (bad spec string, missing package, bad path)."""
 
 
-KINDS = ("vllm", "openai", "hf", "oracle")
+KINDS = ("vllm", "openai", "batch", "hf", "oracle")
 
 
 def _coerce(value: str) -> Any:
@@ -94,7 +95,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     if kind not in KINDS:
         raise BackendError(
             f"teacher spec {redact_spec(spec)!r}: unknown backend {kind!r}; use one of "
-            "vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, oracle"
+            "vllm:<model>, openai:<model>@<base_url>, batch:<model>[@<base_url>], hf:<model_or_path>, oracle"
         )
     options: dict[str, Any] = {}
     for i, o in enumerate(opts, 1):

@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core.constrain import chain_regex
 from dbr_builder.core.imageprep import load_image
 
 
@@ -69,7 +70,8 @@ class VLLMBackend:
                  enable_prefix_caching: bool = True, limit_images: int = 1, max_pixels: int | None = None,
                  min_pixels: int | None = None, regex: str | None = None, json_schema: dict | str | None = None,
                  max_lora_rank: int = 16, max_num_seqs: int | None = None, seed: int = 0,
-                 trust_remote_code: bool = False, engine_kwargs: dict[str, Any] | str | None = None):
+                 trust_remote_code: bool = False, engine_kwargs: dict[str, Any] | str | None = None,
+                 constrain: list[str] | None = None):
         vllm = _import_vllm()
         if isinstance(engine_kwargs, str):
             engine_kwargs = json.loads(engine_kwargs)
@@ -103,6 +105,13 @@ class VLLMBackend:
             self.lora = LoRARequest("adapter", 1, str(adapter))
         self.model = f"{model}+{adapter}" if adapter else model
         self.max_pixels = max_pixels
+        if constrain:
+            # The five-stage format with a class-name conclusion, enforced while decoding.
+            if regex is not None or json_schema is not None:
+                raise BackendError("vllm backend: give either constrain or regex/json_schema, not both")
+            if isinstance(constrain, str):
+                constrain = [c.strip() for c in constrain.split("|") if c.strip()]
+            regex = chain_regex(list(constrain))
         self._structured = (regex, json_schema)
 
     @property
