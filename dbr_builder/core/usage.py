@@ -134,5 +134,5 @@ def store_usage(groups: list[dict[str, Any]], prices: dict[str, Any]) -> dict[st
     total: dict[str, Any] = {k: sum(g[k] for g in by_model) for k in
                              ("requests", "candidates", "in_tokens", "out_tokens", "rows_without_usage")}
     costs = [g["cost_usd"] for g in by_model]
-    total["cost_usd"] = None if any(c is None for c in costs) else round(sum(costs), 6)
+    total["cost_usd"] = None if any(c is None for c in costs) else sum(costs)
     return {"total": total, "by_model": by_model}

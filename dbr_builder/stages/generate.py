@@ -383,7 +383,7 @@ def _usage_report(workdir: Path, ds: str, c: dict[str, Any], this_run: dict[str,
                          this_run.get("route") == "batch") if model else None)
     rep = {"dataset": ds, "prices_as_of": prices.get("as_of"), "currency": prices.get("currency", "USD"),
            "batch_discount": prices.get("batch_discount"),
-           "this_run": {**this_run, "cost_usd": round(run_cost, 6) if run_cost is not None else None},
+           "this_run": {**this_run, "cost_usd": run_cost},
            "store": store_usage(usage_groups(workdir, ds), prices)}
     write_json_atomic(reports_dir(workdir, ds) / "generate_usage.json", rep)
     return rep
