@@ -171,6 +171,10 @@ class OpenAIBatchBackend:
         self.max_requests = int(max_requests)
         self.max_bytes = int(float(max_file_mb) * 1024 * 1024)
 
+    def close(self) -> None:
+        """Nothing held between calls (each API call opens its own connection); for the protocol."""
+        self.chat.close()
+
     def line(self, req: Request) -> str:
         """The batch input line of one request (custom_id = the request key)."""
         return input_line(req.key, self.chat.payload(req))

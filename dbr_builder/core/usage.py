@@ -113,7 +113,10 @@ def text_counter() -> tuple[Any, str]:
 def usage_line(u: dict[str, Any]) -> str:
     """One summary line for a usage dict (``requests``, ``in_tokens``, ``out_tokens``, ``cost_usd``)."""
     cost = u.get("cost_usd")
-    money = f"est. cost ${cost:,.2f}" if cost is not None else "cost unknown (no price for the model)"
+    if cost is None:
+        money = "cost unknown (no price for the model)"
+    else:
+        money = f"est. cost ${cost:,.2f}" if cost >= 1 else f"est. cost ${cost:.4f}"
     return (f"usage: {u['requests']} requests, {u['in_tokens']:,} tokens in, {u['out_tokens']:,} tokens out, "
             f"{money}" + (f" (prices of {u['prices_as_of']})" if u.get("prices_as_of") else ""))
 
