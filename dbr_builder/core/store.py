@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS results (
     created       REAL NOT NULL,
     in_tokens     INTEGER,  -- prompt tokens of the request, on its first candidate's row only (billed once)
     request_id    TEXT,     -- the request (batch custom_id) that produced the row: its first candidate's key
-    route         TEXT      -- live | batch (OpenAI Batch API, discounted) | import (a results file)
+    route         TEXT      -- live | batch (a Batch API job or an imported batch results file)
 );
 -- OpenAI Batch API jobs: a killed run resumes polling the same batch instead of paying twice.
 CREATE TABLE IF NOT EXISTS batches (
@@ -190,6 +190,8 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # SQLite would create it 0644 whatever the umask (and its -wal/-shm alike)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
         con = sqlite3.connect(path, timeout=60, isolation_level=None)
         con.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives a killed process; only an
