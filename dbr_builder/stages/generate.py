@@ -15,8 +15,10 @@ ahead of the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -48,17 +50,20 @@ from dbr_builder.config import (
 from dbr_builder.core.constrain import json_to_chain, response_format
 from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from dbr_builder.core.imageprep import fit_size, parallel_map, prefetch, prepare_content
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.prompts import fields, prompt_id, teacher_prompt
 from dbr_builder.core.store import (
     Row,
     Store,
     done_keys,
+    done_keys_of,
     merge_dataset,
     params_json,
     request_key,
     shard_file,
     store_dir,
+    store_files,
     usage_groups,
 )
 from dbr_builder.core.usage import (
@@ -181,8 +186,8 @@ def make_request(job: Job, miss: Sequence[tuple[int, str]], content: list[dict],
 def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampling: dict[str, Any],
              batch_size: int = 64, passes: int = 2, max_pixels: int | None = None,
              prep_workers: int | None = None, progress: bool = True, desc: str = "generate",
-             on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.25,
-             error_check_after: int = 64) -> dict[str, Any]:
+             on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.5,
+             error_check_after: int = 64, done_extra: set[str] | None = None) -> dict[str, Any]:
     """Generate the missing candidates of ``jobs`` into ``store``; return a summary.
 
     ``sampling`` holds ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed``; with
@@ -193,6 +198,8 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     ``error_check_after`` requests were sent, a share of failed requests above
     ``max_error_share`` stops the run with :class:`TooManyErrors` (the batches already done,
     errors included, are stored) instead of recording thousands of identical errors.
+    ``done_extra``: keys stored elsewhere (the merged store, for a shard rerun after a merge)
+    that count as done.
     """
     from tqdm import tqdm
 
@@ -203,7 +210,7 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     t0 = time.perf_counter()
     params = params_json(sampling)
     model = backend.model
-    pending, already = pending_of(store.done_keys(), jobs, n, model, params)
+    pending, already = pending_of(store.done_keys() | (done_extra or set()), jobs, n, model, params)
     wants_images = getattr(backend, "wants_images", True)
 
     def prepare(batch: list[tuple[Job, list[tuple[int, str]]]]) -> list[tuple[Any, Request | None, str | None]]:
@@ -700,20 +707,46 @@ def summary_file(workdir: Path, dataset: str, shard: int, num_shards: int) -> Pa
     return f.with_name(f.stem.replace("results", "summary") + ".json")
 
 
+def lock_name(dataset: str, shard: int = 0, num_shards: int = 1) -> str:
+    """The stage lock of the store file one generate run writes (see :mod:`dbr_builder.core.locks`)."""
+    return f"generate-{dataset}" if num_shards <= 1 else f"generate-{dataset}-{shard:05d}-of-{num_shards:05d}"
+
+
+def _shard_lock_of(path: Path, dataset: str) -> str | None:
+    m = re.fullmatch(r"results-(\d+)-of-(\d+)\.sqlite", path.name)
+    return lock_name(dataset, int(m.group(1)), int(m.group(2))) if m else None
+
+
+def merge_shards(workdir: Path, dataset: str, extra: Sequence[str | Path] = ()) -> dict[str, int]:
+    """``merge_dataset`` under the locks of the merged store and of every local shard.
+
+    A shard still being written here (its lock held) or whose run did not finish (no
+    completion marker) is refused with an error naming it; nothing is merged then.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(stage_lock(workdir, lock_name(dataset), f"generate {dataset} (merge)"))
+        for f in store_files(workdir, dataset):
+            name = _shard_lock_of(f, dataset)
+            if name:
+                stack.enter_context(stage_lock(workdir, name, f"generate {dataset} shard {f.name}"))
+        return merge_dataset(workdir, dataset, extra)
+
+
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The stage: generate (this shard of) a dataset's candidates; optionally merge shards."""
     c = _full_cfg(cfg)
     workdir = Path(workdir)
     ds = c["dataset"]
+    shard, num = int(c["shard"]), int(c["num_shards"])
     df, meta = load_manifest(workdir, ds)
     df = select_rows(df, c)
     jobs = build_jobs(df, meta, c["prompt"])
     opts = _teacher_options(c, meta["classes"]) if c.get("teacher") else {}
     if c.get("estimate"):
         return estimate(c, workdir, df, meta, jobs)  # reads the store, builds no engine, sends nothing
-    path = shard_file(workdir, ds, int(c["shard"]), int(c["num_shards"]))
+    path = shard_file(workdir, ds, shard, num)
     if c.get("export_batch") or c.get("import_batch"):
-        with Store(path) as st:
+        with stage_lock(workdir, lock_name(ds, shard, num), f"generate {ds}"), Store(path) as st:
             s = export_batch(c, st, jobs, opts) if c.get("export_batch") else import_batch(c, st, jobs, opts)
         s["store"] = str(path)
         if s["mode"] == "import":
@@ -722,29 +755,36 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
                                                         "requests": s["requests"], "in_tokens": s["in_tokens"],
                                                         "out_tokens": s["out_tokens"]})
         return s
-    backend = make_backend(c["teacher"], **opts)
-    try:
-        with Store(path) as st:
-            if isinstance(backend, OpenAIBatchBackend):
-                summary = run_batch_api(c, st, backend, jobs)
-            else:
-                summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
-                                   passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
-                                   prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
-                                   desc=f"generate {ds}" + (f" [{c['shard']}/{c['num_shards']}]"
-                                                            if c["num_shards"] > 1 else ""),
-                                   **_error_limits(c))
-    finally:
-        close_backend(backend)
-    route = "batch" if isinstance(backend, OpenAIBatchBackend) else "live"
-    summary = {"dataset": ds, "prompt": c["prompt"], "shard": c["shard"], "num_shards": c["num_shards"],
-               "store": str(path), **summary}
-    summary["usage"] = _usage_report(workdir, ds, c, {
-        "model": summary["teacher"], "route": route, "requests": summary["requests_sent"],
-        "in_tokens": summary["in_tokens"], "out_tokens": summary["out_tokens"]})
-    if c.get("merge") and int(c["num_shards"]) == 1:
-        summary["merge"] = merge_dataset(workdir, ds)
-    write_json_atomic(summary_file(workdir, ds, int(c["shard"]), int(c["num_shards"])), summary)
+    with stage_lock(workdir, lock_name(ds, shard, num), f"generate {ds}" + (f" shard {shard}/{num}" if num > 1 else "")):
+        # A shard rerun after a merge: what the merged store holds is done, not to redo.
+        merged = shard_file(workdir, ds)
+        extra_done = done_keys_of(merged) if num > 1 and merged.exists() else None
+        backend = make_backend(c["teacher"], **opts)
+        try:
+            with Store(path) as st:
+                st.incomplete_on_write()  # a run in progress: merge refuses this file until it ends
+                if isinstance(backend, OpenAIBatchBackend):
+                    summary = run_batch_api(c, st, backend, jobs)
+                else:
+                    summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
+                                       passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
+                                       prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
+                                       desc=f"generate {ds}" + (f" [{shard}/{num}]" if num > 1 else ""),
+                                       done_extra=extra_done, **_error_limits(c))
+                st.set_state("complete", json.dumps({"images": summary["images"],
+                                                     "failed_images": summary["failed_images"]}))
+        finally:
+            close_backend(backend)
+        summary = {"dataset": ds, "prompt": c["prompt"], "shard": c["shard"], "num_shards": c["num_shards"],
+                   "store": str(path), **summary}
+        route = "batch" if isinstance(backend, OpenAIBatchBackend) else "live"
+        summary["usage"] = _usage_report(workdir, ds, c, {
+            "model": summary["teacher"], "route": route, "requests": summary["requests_sent"],
+            "in_tokens": summary["in_tokens"], "out_tokens": summary["out_tokens"]})
+        write_json_atomic(summary_file(workdir, ds, shard, num), summary)
+    if c.get("merge") and num == 1:
+        summary["merge"] = merge_shards(workdir, ds)
+        write_json_atomic(summary_file(workdir, ds, shard, num), summary)
     return summary
 
 
@@ -831,7 +871,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     try:
         if args.merge and not args.teacher:
-            res = merge_dataset(workdir, args.dataset, args.merge_from)
+            res = merge_shards(workdir, args.dataset, args.merge_from)
             print(f"merged {res['files']} store file(s) into {workdir / 'generations' / args.dataset}/results.sqlite "
                   f"({res['new_rows']} new rows)")
             return 0
@@ -847,7 +887,7 @@ def main(args: argparse.Namespace) -> int:
                             "request keys, the body and the price)")
         s = run(cfg, workdir)
         if args.merge and (args.num_shards or 1) == 1 and args.merge_from:
-            merge_dataset(workdir, args.dataset, args.merge_from)
+            merge_shards(workdir, args.dataset, args.merge_from)
     except (BackendError, BatchAPIError, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_summary(s))
