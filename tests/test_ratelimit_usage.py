@@ -164,8 +164,7 @@ def test_store_from_before_usage_is_migrated_and_still_read(tmp_path: Path) -> N
     groups = store.usage_groups(tmp_path, "DS")
     assert groups == [{"model": "m", "route": "live", "requests": 0, "candidates": 1, "in_tokens": 0,
                        "out_tokens": 7, "rows_without_usage": 1}]
-    # merging an old shard into a new store, then opening the old one for writing, migrates it
-    store.merge(d / "results.sqlite", [d / "results-00000-of-00002.sqlite"], remove=False)
+    # opening the old file for writing migrates it
     with store.Store(d / "results-00000-of-00002.sqlite") as st:
         st.add([store.Row("k2", "i", "teacher", "p", "m", "{}", 1, "t2", "stop", 5, in_tokens=11, request_id="k2",
                           route="live")])
