@@ -96,9 +96,12 @@ def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 
 def resolve_student(spec: str, workdir: Path) -> str:
-    """``tiny`` -> the tiny test student built under ``W/models/tiny``; anything else unchanged."""
-    if spec == "tiny":
-        return str(build_tiny_model(Path(workdir) / "models" / "tiny"))
+    """``tiny`` / ``tiny:<tower>`` -> the tiny student (with that vision tower of
+    ``trainers.tiny_model.TOWERS``) built under ``W/models/``; anything else unchanged."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        tower = spec.partition(":")[2] or "default"
+        name = "tiny" if tower == "default" else f"tiny-{tower}"
+        return str(build_tiny_model(Path(workdir) / "models" / name, tower=tower))
     return spec
 
 
@@ -106,7 +109,7 @@ def check_student(spec: str) -> None:
     """Fail before any run folder is made when ``student`` is a path that does not exist."""
     if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
         raise UserError(f"student {spec!r}: no such model folder; set `student:` / --student to a local folder, "
-                        "a Hub id or `tiny`")
+                        "a Hub id, `tiny` or `tiny:<tower>`")
 
 
 def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
@@ -417,7 +420,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset (config) to train on; default: the config's datasets")
     p.add_argument("--heldout", help="held-out domain; default: every domain in turn (LODO)")
     p.add_argument("--trial-seed", type=int, help="trial seed (run folder seed<k>); default: config's trial_seeds")
-    p.add_argument("--student", help="student model folder / Hub id, or `tiny`")
+    p.add_argument("--student", help="student model folder / Hub id, or `tiny` / `tiny:<tower>`")
     p.add_argument("--data", help="published dataset: a hub folder or a Hub dataset id (default W/hub)")
     p.add_argument("--run", help="run name under W/runs/ (default: config's run)")
     p.add_argument("--max-steps", type=int, help="cap optimizer steps per stage (smoke tests)")
