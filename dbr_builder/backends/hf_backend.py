@@ -173,6 +173,22 @@ class HFBackend:
                     out[i] = r
         return [r for r in out if r is not None]
 
+    def close(self) -> None:
+        """Drop this backend's reference to the model and free cached GPU memory (safe to call twice).
+
+        A model wrapped with :meth:`from_loaded` stays alive for its owner; only this reference goes.
+        """
+        import gc
+        import sys
+
+        if getattr(self, "net", None) is None:
+            return
+        self.net = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def _cause(e: Exception) -> str:
     name = type(e).__name__

@@ -30,6 +30,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
@@ -48,6 +56,7 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     spurious_value,
 )
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import show_progress
 
 
 def _rng(*key: Any) -> random.Random:
@@ -238,8 +247,11 @@ def check_variant(variant: str, classes: list[str] | None, spurious: dict[str, A
                 raise ConfigError(f"synth.spurious.agreement.{dom}={p!r}; expected a number in [0, 1] or null (chance)")
 
 
-def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, image_size: int = 128,
-                      force: bool = False, progress: bool = False, variant: str = "classic",
+_D = schema_defaults("synth")  # the option defaults, defined once in schemas/stages/synth.schema.json
+
+
+def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int = _D["per_class"],
+                      image_size: int = _D["image_size"], force: bool = False, progress: bool = False, variant: str = "classic",
                       classes: list[str] | None = None, spurious: dict[str, Any] | None = None) -> Path:
     """Write ``ROOT/SynthShapes`` (idempotent: an identical existing tree is kept as is).
 
@@ -268,7 +280,7 @@ def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, imag
         jobs = [(d, c, i) for d in DOMAINS for c in class_names for i in range(per_class)]
         from tqdm import tqdm
 
-        for domain, cls, i in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+        for domain, cls, i in tqdm(jobs, desc="synth", unit="img", disable=not show_progress(progress)):
             scene = make_scene(seed, domain, cls, i, variant, class_names, spurious)
             rel = f"{domain}/{cls}/{cls}_{i:05d}.png"
             scene = {"path": rel, **scene}
@@ -289,12 +301,12 @@ PER_DATASET = False
 
 
 def _params(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {"seed": int(cfg.get("seed", 0)), "per_class": int(cfg.get("per_class", 30)),
-           "image_size": int(cfg.get("image_size", 128)), "variant": cfg.get("variant", "classic")}
-    if cfg.get("classes") is not None:
-        out["classes"] = list(cfg["classes"])
-    if cfg.get("spurious") is not None:
-        out["spurious"] = dict(cfg["spurious"])
+    o = resolve("synth", cfg)
+    out = {"seed": o.seed, "per_class": o.per_class, "image_size": o.image_size, "variant": o.variant}
+    if o.variant == "shortcut":
+        out.update(classes=list(o.classes), spurious=dict(o.spurious))
+    elif cfg.get("classes") is not None or cfg.get("spurious") is not None:
+        raise ConfigError("synth: `classes` and `spurious` need `variant: shortcut`")
     return out
 
 
@@ -327,30 +339,21 @@ def _agreement(text: str) -> tuple[str, float | None]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="data root; writes ROOT/SynthShapes/<domain>/<class>/<image>")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--per-class", type=int, default=30, help="images per class and domain (default 30)")
-    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--variant", choices=VARIANTS, default="classic",
-                   help="classic (six classes) or shortcut (tiny-student benchmark with a spurious attribute)")
-    p.add_argument("--classes", nargs="+", default=None, help=f"shortcut: class set (default {' '.join(SHORTCUT_CLASSES)})")
-    p.add_argument("--spurious-attribute", choices=SPURIOUS_ATTRIBUTES, default=None,
-                   help="shortcut: the attribute that agrees with the class (default background)")
-    p.add_argument("--agreement", nargs="+", default=None, metavar="DOMAIN=P",
-                   help="shortcut: P(spurious attribute matches the class) per domain; others get chance")
+    for key in ("seed", "per_class", "image_size", "variant", "classes", "spurious.attribute"):
+        add_option(p, "synth", key)
+    add_option(p, "synth", "spurious.agreement", "--agreement", nargs="+", metavar="DOMAIN=P", type=str)
     p.add_argument("--force", action="store_true", help="rewrite even if an identical tree exists")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.per_class < 1 or args.image_size < 32:
-        raise UserError("--per-class must be >= 1 and --image-size >= 32")
-    spurious = None
-    if args.spurious_attribute or args.agreement:
-        spurious = {"attribute": args.spurious_attribute or "background",
-                    "agreement": dict(_agreement(a) for a in args.agreement or [])}
-    p = {"seed": args.seed, "per_class": args.per_class, "image_size": args.image_size, "variant": args.variant,
-         **({"classes": args.classes} if args.classes else {}), **({"spurious": spurious} if spurious else {})}
+    opts = options_from_args(args)
+    given = opts.get("spurious", {}).get("agreement")
+    if given is not None:  # DOMAIN=P words -> the schema's {domain: p} mapping
+        opts["spurious"]["agreement"] = dict(_agreement(a) for a in given)
+    validate_options(opts, "synth", "command line", flags_of(args))
+    p = _params(opts)
     dest = write_synthshapes(args.root, **p, force=args.force, progress=True)
     k = _num_classes(p)
-    n = args.per_class * k * len(DOMAINS)
-    print(f"SynthShapes ({args.variant}): {n} images ({len(DOMAINS)} domains x {k} classes x {args.per_class}) in {dest}")
+    n = p["per_class"] * k * len(DOMAINS)
+    print(f"SynthShapes ({p['variant']}): {n} images ({len(DOMAINS)} domains x {k} classes x {p['per_class']}) in {dest}")
     return 0
