@@ -74,20 +74,26 @@ def shape_chain_parts(scene: dict[str, Any], claimed: str) -> dict[str, str]:
     """The five chain stages for ``scene`` concluding ``claimed``, from shape evidence only.
 
     Used for the shortcut variant: no word about colours or the background (the spurious
-    attribute), only the outline: its size, place and tilt, corner count, straight or curved
-    edges and its structure. Short (about 70 tokens with the tiny student's tokenizer), so that
-    training on chains and generating them fits CPU minutes.
+    attribute), only the outline: its size, place, width and tilt, corner count, straight or
+    curved edges and its structure, and that the domain's style does not change it. Short (about
+    90 tokens with the tiny student's tokenizer), so that training on chains and generating them
+    fits CPU minutes; the width and tilt make chains of one class differ from image to image (the
+    filter rejects a chain body shared by many images as template collapse).
     """
     corners, structure = CLASSES[claimed]
     edges = "one curved edge" if corners == 0 else "straight edges meeting at sharp corners"
-    tilt = round(abs(float(scene.get("rotation_deg", 0))))
-    turn = ("the same at any rotation" if not corners else "standing upright" if tilt < 5
-            else f"tilted by about {tilt} degrees")
+    rot = float(scene.get("rotation_deg", 0))
+    rot = rot - 360 if rot > 180 else rot
+    tilt = round(abs(rot))
+    turn = ("the same at any rotation" if not corners else "standing upright" if tilt < 3
+            else f"tilted about {tilt} degrees to the {'left' if rot > 0 else 'right'}")
+    # the outline's extent: image-specific geometry, so chains of one class are not all alike
+    wide = round(200 * float(scene.get("size_frac", 0.3)))
     parts = {
         "SUMMARY": "I count the corners of the outline and check its edges.",
-        "CAPTION": f"A {scene['size']} shape near the {scene['position']}, {turn}.",
+        "CAPTION": f"A {scene['size']} shape near the {scene['position']}, about {wide} % of the picture wide, {turn}.",
         "REASONING": f"The outline has {_corner_phrase(corners)} and {edges}: {structure}.",
-        "REFLECTION": "Style, colours and background do not change the outline.",
+        "REFLECTION": f"The {scene['domain']} style does not change the outline, so the count holds.",
         "CONCLUSION": claimed,
     }
     if claimed != scene["class_name"]:
