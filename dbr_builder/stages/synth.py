@@ -21,10 +21,12 @@ Two variants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from dbr_builder.config import (
     schema_defaults,
     validate_options,
 )
-from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
+from dbr_builder.core.fsutil import atomic_dir, recover_dir, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
     CLASSES,
@@ -260,8 +263,8 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
     ``spurious`` (``{"attribute": "background"|"color", "agreement": {domain: p or None}}``)
     select the shortcut variant (module doc).
     """
-    if per_class < 1 or image_size < 32:
-        raise ValueError("per_class must be >= 1 and image_size >= 32")
+    if per_class < 1 or not 32 <= image_size <= 2048 or seed < 0:
+        raise ValueError("per_class must be >= 1, image_size in [32, 2048] and seed >= 0")
     check_variant(variant, classes, spurious)
     root = Path(root)
     dest = root / DATASET
@@ -273,9 +276,9 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
                     "agreement": dict((spurious or {}).get("agreement") or {})}
         params.update(variant=variant, classes=class_names, spurious=spurious)
     meta_path = dest / META_FILE
-    if not force and meta_path.exists() and json.loads(meta_path.read_text()) == params:
+    if not force and meta_path.exists() and _read_meta(meta_path) == params:
         return dest
-    with atomic_dir(dest) as tmp:
+    with _locked_dir(root, dest) as tmp:
         scenes = []
         jobs = [(d, c, i) for d in DOMAINS for c in class_names for i in range(per_class)]
         from tqdm import tqdm
@@ -293,6 +296,22 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
                 f.write(json.dumps(s, sort_keys=True) + "\n")
         write_json_atomic(tmp / META_FILE, params)
     return dest
+
+
+@contextlib.contextmanager
+def _locked_dir(root: Path, dest: Path) -> Iterator[Path]:
+    """``atomic_dir(dest)`` under the synth lock, after removing a killed run's leftovers."""
+    with stage_lock(root, "synth", "synth"):
+        recover_dir(dest, clean_temps=True)
+        with atomic_dir(dest) as tmp:
+            yield tmp
+
+
+def _read_meta(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # corrupt: the tree is rebuilt
 
 
 # --- stage protocol -------------------------------------------------------------------------
