@@ -97,7 +97,7 @@ def _split_tokens(total: int, texts: list[str]) -> list[int]:
 def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampling: dict[str, Any],
              batch_size: int = 64, passes: int = 2, max_pixels: int | None = None,
              prep_workers: int | None = None, progress: bool = True, desc: str = "generate",
-             on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.25,
+             on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.5,
              error_check_after: int = 64, done_extra: set[str] | None = None) -> dict[str, Any]:
     """Generate the missing candidates of ``jobs`` into ``store``; return a summary.
 
