@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends.base import BackendError, Request, Result
-from dbr_builder.core.scenes import CLASSES, SCENES_FILE, load_scenes
+from dbr_builder.core.scenes import CLASSES, SCENES_FILE, load_scenes, shape_chain_parts
 
 STAGES = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
 HINT_MARK = "the correct class is \""
@@ -78,7 +78,13 @@ class OracleBackend:
 
     # -- chain writing ------------------------------------------------------------------------
     def chain_parts(self, scene: dict[str, Any], claimed: str) -> dict[str, str]:
-        """The five stages for ``scene`` concluding ``claimed`` (the true class or a wrong one)."""
+        """The five stages for ``scene`` concluding ``claimed`` (the true class or a wrong one).
+
+        Scenes of the shortcut variant get a chain of shape evidence only (no word about the
+        colours or the background, which carry the spurious attribute): ``shape_chain_parts``.
+        """
+        if scene.get("variant") == "shortcut":
+            return shape_chain_parts(scene, claimed)
         corners, structure = CLASSES[claimed]
         true_cls = scene["class_name"]
         edges = "one continuous curved edge" if corners == 0 else "straight edges meeting at sharp corners"
@@ -118,7 +124,8 @@ class OracleBackend:
         r = self.rates
         true_cls = scene["class_name"]
         wrong = (not hinted) and rng.random() < r["p_wrong"]
-        claimed = rng.choice(sorted(c for c in CLASSES if c != true_cls)) if wrong else true_cls
+        classes = scene.get("classes") or CLASSES  # the variant's class set
+        claimed = rng.choice(sorted(c for c in classes if c != true_cls)) if wrong else true_cls
         parts = self.chain_parts(scene, claimed)
         u = rng.random()
         fault = None
