@@ -88,3 +88,26 @@ def test_hinted_prompt_is_never_wrong_and_bad_inputs(synth_root: Path, tmp_path:
         make_backend("oracle", p_wrong=1.5)
     with pytest.raises(BackendError, match="unknown option"):
         make_backend("oracle", p_worng=0.1)
+
+
+def test_shortcut_variant_chains_describe_shape_only(tmp_path: Path) -> None:
+    """Chains of the shortcut variant never name a colour or the background (the spurious attribute);
+    wrong conclusions stay inside the variant's class set."""
+    from dbr_builder.core.scenes import BACKGROUNDS, COLORS, SHORTCUT_CLASSES
+    from dbr_builder.stages.synth import write_synthshapes
+
+    write_synthshapes(tmp_path, per_class=3, image_size=32, variant="shortcut",
+                      spurious={"attribute": "background", "agreement": {"photo": 0.9}})
+    reqs, truth = _requests(tmp_path, 4)
+    colour_words = {w for name in list(COLORS) + list(BACKGROUNDS) for w in name.split()}
+    clean = make_backend("oracle", p_wrong=0, p_missing=0, p_reorder=0, p_malformed=0)
+    for res, cls in zip(clean.generate(reqs), truth, strict=True):
+        for t in res.texts:
+            assert _classify(t) == "ok" and t.endswith(f"<CONCLUSION>{cls}</CONCLUSION>")
+            assert not colour_words & set(re.findall(r"[a-z]+", t.lower())), t
+            assert "corner" in t and "outline" in t  # the shape evidence
+    wrong = make_backend("oracle", p_wrong=1.0, p_missing=0, p_reorder=0, p_malformed=0)
+    for res, cls in zip(wrong.generate(reqs), truth, strict=True):
+        for t in res.texts:
+            concl = re.search(r"<CONCLUSION>(.*)</CONCLUSION>", t).group(1)
+            assert concl != cls and concl in SHORTCUT_CLASSES

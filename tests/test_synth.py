@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,38 @@ def test_rewrite_is_idempotent_and_atomic(tmp_path: Path) -> None:
     write_synthshapes(tmp_path, seed=0, per_class=2, image_size=48)
     assert len(load_scenes(dest)) == len(DOMAINS) * len(CLASSES) * 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".locks"]  # no temp folders left
+
+
+def test_shortcut_variant_spurious_agreement_per_domain(tmp_path: Path) -> None:
+    """The background agrees with the class as configured per domain; unlisted domains get chance."""
+    import pytest
+
+    from dbr_builder.core.scenes import SHORTCUT_CLASSES, spurious_value
+    from dbr_builder.errors import ConfigError
+
+    ds = write_synthshapes(tmp_path, seed=0, per_class=12, image_size=32, variant="shortcut",
+                           spurious={"attribute": "background", "agreement": {"painting": 1.0, "photo": 0.0}})
+    scenes = load_scenes(ds).values()
+    assert sorted({s["class_name"] for s in scenes}) == sorted(SHORTCUT_CLASSES)
+    assert sorted(p.name for p in (ds / "sketch").iterdir()) == sorted(SHORTCUT_CLASSES)
+    for s in scenes:
+        assert s["background"] == s["spurious_value"] == spurious_value("background", SHORTCUT_CLASSES, s["spurious_class"])
+        if s["domain"] == "painting":
+            assert s["spurious_class"] == s["class_name"]
+        if s["domain"] == "photo":
+            assert s["spurious_class"] != s["class_name"]
+    # unlisted domains: chance (1/4); 48 images each, so the share is far from 0 and from 1
+    for dom in ("cartoon", "sketch"):
+        agree = [s["spurious_class"] == s["class_name"] for s in scenes if s["domain"] == dom]
+        assert 0.05 < sum(agree) / len(agree) < 0.6
+        assert {s["spurious_agreement"] for s in scenes if s["domain"] == dom} == {0.25}
+    # the classic tree's parameters (and so its cached trees) are unchanged by the new options
+    classic = write_synthshapes(tmp_path / "c", seed=0, per_class=1, image_size=32)
+    assert json.loads((classic / "synth.json").read_text()) == {"seed": 0, "per_class": 1, "image_size": 32, "version": 1}
+    with pytest.raises(ConfigError, match="not a domain"):
+        write_synthshapes(tmp_path / "x", per_class=1, image_size=32, variant="shortcut",
+                          spurious={"attribute": "background", "agreement": {"clipart": 0.9}})
+    with pytest.raises(ConfigError, match="attribute"):
+        write_synthshapes(tmp_path / "x", per_class=1, image_size=32, variant="shortcut", spurious={"attribute": "texture"})
+    with pytest.raises(ConfigError, match="need `variant: shortcut`"):
+        write_synthshapes(tmp_path / "x", per_class=1, image_size=32, classes=["circle", "star"])

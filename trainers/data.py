@@ -29,7 +29,7 @@ from dbr_builder.core.chains import format_chain
 from dbr_builder.core.fsutil import tree_fingerprint
 from dbr_builder.core.manifest import holdout_keys
 from dbr_builder.core.prompts import class_fields, render
-from dbr_builder.core.scenes import load_scenes
+from dbr_builder.core.scenes import load_scenes, shape_chain_parts
 from dbr_builder.core.workdir import safe_split_name  # noqa: F401  (re-exported for the trainers)
 from dbr_builder.errors import UserError
 
@@ -346,13 +346,16 @@ def rows_from_synth(dataset_dir: str | Path, trial_seed: int = 0) -> list[dict[s
         items = by_domain[domain]
         out = holdout_keys(len(items), trial_seed, env)
         for k, s in enumerate(items):
-            chain = format_chain(
-                f"I count the corners of the {s['size']} shape.",
-                f"A {s['fill_color']} shape at the {s['position']}, {s['style']}.",
-                f"It has {s['structure']}.",
-                f"The {domain} style does not change the shape.",
-                s["class_name"],
-            )
+            if s.get("variant") == "shortcut":  # shape evidence only: never the spurious attribute
+                chain = format_chain(*shape_chain_parts(s, s["class_name"]).values())
+            else:
+                chain = format_chain(
+                    f"I count the corners of the {s['size']} shape.",
+                    f"A {s['fill_color']} shape at the {s['position']}, {s['style']}.",
+                    f"It has {s['structure']}.",
+                    f"The {domain} style does not change the shape.",
+                    s["class_name"],
+                )
             rows.append({
                 "image": str(dataset_dir / s["path"]), "image_id": s["path"], "dataset": "SynthShapes",
                 "domain": domain, "class_name": s["class_name"], "dg_split": "out" if k in out else "in",

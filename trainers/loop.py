@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbr_builder.core.fsutil import atomic_dir, remove_temps, write_text_atomic
+from dbr_builder.core.fsutil import atomic_dir, naming, remove_temps, write_text_atomic
 from dbr_builder.errors import UserError
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
@@ -160,7 +160,7 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, scheduler: Any, step
     """Write ``work/checkpoint`` atomically: built beside it, then swapped in by renames."""
     work.mkdir(parents=True, exist_ok=True)
     dest = work / CKPT
-    with atomic_dir(dest) as tmp:
+    with naming(dest), atomic_dir(dest) as tmp:  # a full disk: one line naming the checkpoint
         torch.save(trainable_state(model), tmp / "trainable.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -108,6 +108,39 @@ VISION_CONFIG: dict[str, Any] = {
     "hidden_act": "silu",
 }
 
+# Named vision towers (``build_tiny_model(tower=...)``, student spec ``tiny:<tower>``): overrides of
+# VISION_CONFIG plus the processor's patch size and pixel bounds. ``default`` is the tower the
+# tests use (16..64 visual tokens). ``shapes`` is the one chosen for the SynthShapes shortcut
+# variant on training-domain validation (docs/RESULTS.md): see SHAPES_TOWER.
+TOWER_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
+              "min_pixels", "max_pixels",
+              "fullatt_block_indexes", "window_size", "initializer_range")
+SHAPES_TOWER: dict[str, Any] = {
+    # No 2x2 merge: 64 visual tokens per 64-112 px image instead of 16, so the image is a third of
+    # the q_cls prompt rather than an eighth; measured to learn the shapes faster from scratch
+    # (training-domain validation 42-46 % vs 39 % after 156 steps; docs/RESULTS.md).
+    "spatial_merge_size": 1,
+}
+TOWERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "shapes": SHAPES_TOWER,
+}
+
+
+def tower_settings(tower: str | dict[str, Any] = "default") -> dict[str, Any]:
+    """(vision config, min_pixels, max_pixels) of a named tower or an override dict, as one dict."""
+    if isinstance(tower, str):
+        if tower not in TOWERS:
+            raise UserError(f"tiny model tower {tower!r}: unknown; choose one of {', '.join(TOWERS)}")
+        tower = TOWERS[tower]
+    bad = sorted(set(tower) - set(TOWER_KEYS))
+    if bad:
+        raise UserError(f"tiny model tower: unknown setting(s) {', '.join(bad)}; allowed: {', '.join(TOWER_KEYS)}")
+    vision = {**VISION_CONFIG, **{k: v for k, v in tower.items() if k not in ("min_pixels", "max_pixels")}}
+    return {"vision_config": vision, "min_pixels": int(tower.get("min_pixels", MIN_PIXELS)),
+            "max_pixels": int(tower.get("max_pixels", MAX_PIXELS))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer corpus: prose about images, the class and domain names of the DomainBed datasets and
 # SynthShapes, and example reasoning chains.
@@ -230,19 +263,20 @@ def _corpus() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_spec(seed: int = 0) -> dict[str, Any]:
+def build_spec(seed: int = 0, tower: str | dict[str, Any] = "default") -> dict[str, Any]:
     """The full description of a build; its hash names the cache folder."""
     from importlib.metadata import version
 
+    t = tower_settings(tower)
     return {
         "builder_version": BUILDER_VERSION,
         # Saved-file formats change across transformers majors (v4 vs v5 tokenizer/processor files).
         "transformers_major": version("transformers").split(".")[0],
         "seed": seed,
         "text_config": TEXT_CONFIG,
-        "vision_config": VISION_CONFIG,
-        "min_pixels": MIN_PIXELS,
-        "max_pixels": MAX_PIXELS,
+        "vision_config": t["vision_config"],
+        "min_pixels": t["min_pixels"],
+        "max_pixels": t["max_pixels"],
         "tokenizer_vocab": TOKENIZER_VOCAB,
         "special_tokens": SPECIAL_TOKENS,
         "chain_tags": CHAIN_TAGS,
@@ -305,8 +339,8 @@ def _train_tokenizer() -> Any:
     return tokenizer
 
 
-def _build_into(dest: Path, seed: int) -> None:
-    """Write tokenizer, processor and a seeded random model into ``dest``."""
+def _build_into(dest: Path, seed: int, spec: dict[str, Any]) -> None:
+    """Write tokenizer, processor and a seeded random model (``spec``'s towers) into ``dest``."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -323,12 +357,11 @@ def _build_into(dest: Path, seed: int) -> None:
     # tokens can be added later without resizing.
     vocab_size = (len(tokenizer) + 63) // 64 * 64
 
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
-    )
+    vcfg = spec["vision_config"]
+    pixels = {"min_pixels": spec["min_pixels"], "max_pixels": spec["max_pixels"],
+              "patch_size": vcfg["patch_size"], "merge_size": vcfg["spatial_merge_size"]}
+    image_processor = Qwen2VLImageProcessor(**pixels)
+    video_processor = Qwen2VLVideoProcessor(**pixels)
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -338,12 +371,14 @@ def _build_into(dest: Path, seed: int) -> None:
 
     text_config = dict(
         TEXT_CONFIG,
+        # a tower's init scale applies to the whole student (language model included)
+        **({"initializer_range": vcfg["initializer_range"]} if "initializer_range" in vcfg else {}),
         vocab_size=vocab_size,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    vision_config = dict(VISION_CONFIG, out_hidden_size=TEXT_CONFIG["hidden_size"])
+    vision_config = dict(vcfg, out_hidden_size=TEXT_CONFIG["hidden_size"])
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -373,14 +408,16 @@ def _is_build(out: Path, spec_hash: str) -> bool:
         return False
 
 
-def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
+def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force: bool = False,
+                     tower: str | dict[str, Any] = "default") -> Path:
     """Build (or reuse) the tiny Qwen2.5-VL student and return its folder.
 
-    ``out_dir`` defaults to ``default_cache_dir()/tiny-qwen2vl-<spec hash>``. An existing complete
+    ``tower`` names a vision tower of ``TOWERS`` (or gives overrides). ``out_dir`` defaults to
+    ``default_cache_dir()/tiny-qwen2vl-<spec hash>``. An existing complete
     build with the same spec is returned at once unless ``force``; a folder holding something else
     is rebuilt (only if it is a previous tiny-model build) or refused.
     """
-    spec = build_spec(seed)
+    spec = build_spec(seed, tower)
     spec_hash = stable_hash(spec)[:12]
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / f"tiny-qwen2vl-{spec_hash}"
     if _is_build(out, spec_hash) and not force:
@@ -393,7 +430,7 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, out.name)  # umask modes, not mkdtemp's private 0700
     try:
-        _build_into(tmp, seed)
+        _build_into(tmp, seed, spec)
         (tmp / MARKER).write_text(
             json.dumps({"spec_hash": spec_hash, "spec": spec}, indent=2, sort_keys=True) + "\n"
         )

@@ -84,9 +84,12 @@ def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 
 def resolve_student(spec: str, workdir: Path) -> str:
-    """``tiny`` -> the tiny test student built under ``W/models/tiny``; anything else unchanged."""
-    if spec == "tiny":
-        return str(build_tiny_model(Path(workdir) / "models" / "tiny"))
+    """``tiny`` / ``tiny:<tower>`` -> the tiny student (with that vision tower of
+    ``trainers.tiny_model.TOWERS``) built under ``W/models/``; anything else unchanged."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        tower = spec.partition(":")[2] or "default"
+        name = "tiny" if tower == "default" else f"tiny-{tower}"
+        return str(build_tiny_model(Path(workdir) / "models" / name, tower=tower))
     return spec
 
 
@@ -94,7 +97,7 @@ def check_student(spec: str) -> None:
     """Fail before any run folder is made when ``student`` is a path that does not exist."""
     if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
         raise UserError(f"student {spec!r}: no such model folder; set `student:` / --student to a local folder, "
-                        "a Hub id or `tiny`")
+                        "a Hub id, `tiny` or `tiny:<tower>`")
 
 
 def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:

@@ -5,6 +5,7 @@
 - ``vllm:<model>``                      vLLM offline engine (GPU)
 - ``openai:<model>@<base_url>``          OpenAI-compatible chat completions (GPT-4o, ``vllm serve``)
 - ``openai:<model>``                     same, base URL ``https://api.openai.com/v1``
+- ``batch:<model>[@<base_url>]``         the OpenAI Batch API (upload, create, poll, download)
 - ``hf:<model or path>``                 transformers ``AutoModelForImageTextToText`` (CPU or GPU)
 - ``oracle``                             SynthShapes only: true chains from scene attributes
 
@@ -35,11 +36,13 @@ from dbr_builder.backends.base import (
 )
 from dbr_builder.backends.hf_backend import HFBackend
 from dbr_builder.backends.openai_backend import OpenAIBackend
+from dbr_builder.backends.openai_batch import OpenAIBatchBackend
 from dbr_builder.backends.oracle import OracleBackend
 from dbr_builder.backends.vllm_backend import VLLMBackend
 
 # Spec kind -> backend class (each imports its heavy engine lazily, on first use).
-BACKENDS: dict[str, type] = {"vllm": VLLMBackend, "openai": OpenAIBackend, "hf": HFBackend, "oracle": OracleBackend}
+BACKENDS: dict[str, type] = {"vllm": VLLMBackend, "openai": OpenAIBackend, "batch": OpenAIBatchBackend,
+                             "hf": HFBackend, "oracle": OracleBackend}
 
 
 def make_backend(spec: str, **options: Any) -> Backend:
@@ -47,7 +50,7 @@ def make_backend(spec: str, **options: Any) -> Backend:
     kind, target, inline = parse_spec(spec)
     opts = {**inline, **{k: v for k, v in options.items() if v is not None}}
     cls = BACKENDS[kind]
-    if kind == "openai":
+    if kind in ("openai", "batch"):
         target, _, base_url = target.partition("@")
         if base_url:
             opts.setdefault("base_url", base_url)
@@ -55,6 +58,22 @@ def make_backend(spec: str, **options: Any) -> Backend:
         opts["model"] = target
     check_options(spec, cls, opts)
     return cls(**opts)
+
+
+def record_name(spec: str, **options: Any) -> str:
+    """The model name a backend built from ``spec`` records in the store, without building it.
+
+    Lets ``--estimate`` and ``--import-batch`` find request keys without loading an engine
+    (vLLM, a 72B checkpoint) or needing an API key. The oracle is cheap and is built.
+    """
+    kind, target, inline = parse_spec(spec)
+    opts = {**inline, **{k: v for k, v in options.items() if v is not None}}
+    if kind == "oracle":
+        return make_backend(spec, **options).model
+    if kind in ("openai", "batch"):
+        return target.partition("@")[0]
+    adapter = opts.get("adapter")
+    return f"{target}+{adapter}" if adapter else target
 
 
 def check_options(spec: str, cls: type, options: dict[str, Any]) -> None:
@@ -70,4 +89,4 @@ def check_options(spec: str, cls: type, options: dict[str, Any]) -> None:
 
 
 __all__ = ["BACKENDS", "KINDS", "Backend", "BackendError", "EngineError", "EngineStartError", "Request", "Result",
-           "TooManyErrors", "check_options", "check_sampling", "make_backend", "parse_spec", "redact_spec"]
+           "TooManyErrors", "check_options", "check_sampling", "make_backend", "parse_spec", "record_name", "redact_spec"]

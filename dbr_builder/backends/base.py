@@ -38,6 +38,7 @@ class Result:
     out_tokens: int
     finish_reasons: list[str] = field(default_factory=list)
     error: str | None = None
+    in_tokens: int | None = None  # prompt tokens billed for the request, when the backend reports them
 
 
 @runtime_checkable
@@ -99,7 +100,7 @@ def check_sampling(n: int, temperature: float, top_p: float = 1.0, where: str = 
                           "candidates and vLLM rejects it; set temperature > 0 (e.g. 0.7) or n: 1")
 
 
-KINDS = ("vllm", "openai", "hf", "oracle")
+KINDS = ("vllm", "openai", "batch", "hf", "oracle")
 
 
 def _coerce(value: str) -> Any:
@@ -222,7 +223,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
         shown = redact_spec(spec)
         raise BackendError(
             f"teacher spec {shown!r}: unknown backend{'' if shown == '***' else f' {kind!r}'}; use one of "
-            "vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, oracle"
+            "vllm:<model>, openai:<model>@<base_url>, batch:<model>[@<base_url>], hf:<model_or_path>, oracle"
         )
     options: dict[str, Any] = {}
     for i, o in enumerate(opts, 1):

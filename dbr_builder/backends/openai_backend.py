@@ -8,6 +8,12 @@ a bounded number of times; other 4xx fail at once. A request that still fails be
 (``OPENAI_API_KEY`` unless ``api_key_env`` names another variable) and is never logged:
 error bodies are stored and printed with it (and anything key-shaped) masked.
 
+``rpm`` / ``tpm`` set a client-side requests / tokens per minute limit shared by the workers
+(:mod:`dbr_builder.backends.ratelimit`); ``Retry-After`` and ``x-ratelimit-*`` headers pause
+all of them. ``constrain=<class names>`` asks for a strict JSON schema with the five stages
+(``response_format``) and re-serializes each answer into the tagged chain. The token counts of
+the response's ``usage`` are kept in the ``Result``.
+
 Time bounds. ``timeout`` is a total deadline per attempt (connect, send, headers and body
 together): a server that trickles its answer is cut off when it passes, however slowly each
 byte arrives. Connecting is bounded by ``connect_timeout``. A dead endpoint fails fast: once
@@ -30,12 +36,19 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.backends.ratelimit import RateLimiter
+from dbr_builder.core.constrain import json_to_chain, response_format
 from dbr_builder.core.imageprep import load_image, to_data_url
 from dbr_builder.core.sanitize import clean_text, redact
+from dbr_builder.core.usage import image_tokens
+
+# Token estimate of one image for the tokens-per-minute budget (GPT-4o's tile rule).
+_TPM_IMAGE_RULE = {"base": 85, "tile": 170}
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -54,6 +67,22 @@ class _Fatal(Exception):
     """A failure that another attempt would not fix (bad request, auth)."""
 
 
+def result_from_completion(key: str, obj: dict[str, Any]) -> Result:
+    """A ``Result`` from a chat-completion body (live answer or one line of a batch output file).
+
+    Token counts come from ``usage``; without it, output tokens are approximated by words and
+    input tokens stay unknown (None), never invented.
+    """
+    choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
+    texts = [clean_text(c["message"]["content"]) for c in choices]
+    finishes = [c.get("finish_reason") or "stop" for c in choices]
+    usage = obj.get("usage") or {}
+    out = usage.get("completion_tokens")
+    tokens = int(out) if isinstance(out, int) else sum(len(t.split()) for t in texts)
+    prompt = usage.get("prompt_tokens")
+    return Result(key, texts, tokens, finishes, in_tokens=int(prompt) if isinstance(prompt, int) else None)
+
+
 class OpenAIBackend:
     """Chat completions over HTTP (see module doc)."""
 
@@ -63,7 +92,9 @@ class OpenAIBackend:
                  concurrency: int = 16, timeout: float = 120.0, connect_timeout: float = 10.0, max_retries: int = 5,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, max_pixels: int | None = None,
                  image_format: str = "JPEG", max_tokens_field: str = "max_tokens",
-                 extra_body: dict[str, Any] | str | None = None, detail: str | None = None):
+                 extra_body: dict[str, Any] | str | None = None, detail: str | None = None,
+                 rpm: float | None = None, tpm: float | None = None, constrain: list[str] | None = None,
+                 require_key: bool = True):
         if not model:
             raise BackendError("openai backend: give a model name, e.g. openai:gpt-4o")
         url = urlsplit(base_url)
@@ -74,7 +105,8 @@ class OpenAIBackend:
         self._scheme, self._host, self._port = url.scheme, url.hostname, url.port
         self._path = url.path.rstrip("/") + "/chat/completions"
         self._api_key = os.environ.get(api_key_env) or None
-        if self._api_key is None and url.hostname == "api.openai.com":
+        # require_key=False: build request bodies only (export a batch file, estimate), send nothing.
+        if self._api_key is None and url.hostname == "api.openai.com" and require_key:
             raise BackendError(f"openai backend: set the {api_key_env} environment variable (the key is never "
                                "read from configs or the command line)")
         self.concurrency = max(1, int(concurrency))
@@ -102,6 +134,13 @@ class OpenAIBackend:
         self.stats = {"attempts": 0, "retries": 0}
         self._last_response = 0.0  # monotonic time of the last HTTP response of any kind
         self._dead: str | None = None  # set once the endpoint is judged unreachable
+        try:
+            self.limiter = RateLimiter(rpm, tpm)
+        except ValueError as e:
+            raise BackendError(f"openai backend: {e}") from None
+        if isinstance(constrain, str):
+            constrain = [c.strip() for c in constrain.split("|") if c.strip()]
+        self.constrain = list(constrain) if constrain else None
 
     # -- HTTP ---------------------------------------------------------------------------------
     def _conn(self) -> http.client.HTTPConnection:
@@ -170,8 +209,13 @@ class OpenAIBackend:
                     retry_after = float(ra) if ra else None
                 except ValueError:
                     retry_after = None
+                if resp.status == 429:
+                    # the whole client is over its budget, not just this worker: hold them all
+                    self.limiter.pause(retry_after if retry_after is not None else self.backoff_base)
+                self.limiter.observe(dict(resp.getheaders()))
                 raise _Retryable(f"http {resp.status}", msg, retry_after)
             raise _Fatal(f"http {resp.status}: {msg}")
+        self.limiter.observe(dict(resp.getheaders()))
         try:
             obj = json.loads(data)
             choices = obj["choices"]
@@ -185,13 +229,21 @@ class OpenAIBackend:
             raise _Retryable("malformed", f"unusable response body ({type(e).__name__}: {str(e)[:80]})") from e
 
     # -- requests -----------------------------------------------------------------------------
-    def payload(self, req: Request) -> dict[str, Any]:
-        """The JSON body for one request (images as data URLs, in content order)."""
+    def payload(self, req: Request, images: str = "data") -> dict[str, Any]:
+        """The JSON body for one request, content order kept.
+
+        ``images="data"``: images inlined as base64 data URLs (what OpenAI needs);
+        ``images="path"``: ``file://`` URLs of the image files (for ``vllm run-batch`` /
+        ``vllm serve`` with ``--allowed-local-media-path``, on a machine that sees the files).
+        """
         parts: list[dict[str, Any]] = []
         for p in req.content:
             if p.get("type") == "image":
-                img = p.get("image") or load_image(p["path"], self.max_pixels)
-                url: dict[str, Any] = {"url": to_data_url(img, self.image_format)}
+                if images == "path":
+                    url: dict[str, Any] = {"url": Path(p["path"]).resolve().as_uri()}
+                else:
+                    img = p.get("image") or load_image(p["path"], self.max_pixels)
+                    url = {"url": to_data_url(img, self.image_format)}
                 if self.detail:
                     url["detail"] = self.detail
                 parts.append({"type": "image_url", "image_url": url})
@@ -207,8 +259,29 @@ class OpenAIBackend:
         }
         if req.seed is not None:
             body["seed"] = req.seed
+        if self.constrain:
+            body["response_format"] = response_format(self.constrain)
         body.update(self.extra_body)
         return body
+
+    def budget_tokens(self, req: Request) -> int:
+        """Tokens a request counts against a tokens-per-minute limit: prompt estimate + n x max tokens."""
+        tokens = 0
+        for p in req.content:
+            if p.get("type") == "image":
+                img = p.get("image")
+                size = img.size if img is not None else (512, 512)
+                tokens += image_tokens(size[0], size[1], _TPM_IMAGE_RULE, self.detail) or 0
+            else:
+                tokens += len(p.get("text", "")) // 4 + 1
+        return tokens + req.n * req.max_new_tokens
+
+    def finish(self, res: Result) -> Result:
+        """Post-process a result: a constrained (JSON) answer becomes the tagged five-stage text."""
+        if self.constrain and res.error is None:
+            # Not JSON (e.g. cut at max_tokens): the raw text is kept and the filter rejects it.
+            res.texts = [json_to_chain(t) or t for t in res.texts]
+        return res
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
@@ -225,11 +298,13 @@ class OpenAIBackend:
         last = ""
         started = time.monotonic()
         unreachable = True  # every attempt failed before any HTTP response
+        budget = self.budget_tokens(req) if self.limiter.tpm else 0
         for attempt in range(self.max_retries + 1):
             if self._dead is not None:
                 return Result(req.key, [], 0, [], error=self._dead)
             with self._lock:
                 self.stats["attempts"] += 1
+            self.limiter.acquire(budget)
             try:
                 obj = self._post(body)
             except _Fatal as e:
@@ -242,12 +317,7 @@ class OpenAIBackend:
                         self.stats["retries"] += 1
                     time.sleep(self._backoff(attempt, e.retry_after))
                 continue
-            choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
-            texts = [clean_text(c["message"]["content"]) for c in choices]
-            finishes = [c.get("finish_reason") or "stop" for c in choices]
-            usage = obj.get("usage") or {}
-            tokens = int(usage.get("completion_tokens") or sum(len(t.split()) for t in texts))
-            return Result(req.key, texts, tokens, finishes)
+            return self.finish(result_from_completion(req.key, obj))
         error = f"{last} (gave up after {self.max_retries + 1} attempts)"
         if unreachable and self._last_response < started:
             # Nothing answered this request, nor anything else, the whole time: the endpoint is down.

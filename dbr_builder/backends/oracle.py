@@ -6,6 +6,12 @@ edges, what the style does and does not change. To give the filter real work it 
 configurable rates, wrong conclusions (with reasoning that supports them, as a confused
 teacher would), missing stages, reordered stages and malformed text (unclosed tags, no tags,
 truncation). Every candidate is a pure function of (seed, image, request key, sample index).
+
+``constrain=<class names>`` plays a teacher decoding under the five-stage constraint
+(:mod:`dbr_builder.core.constrain`): the same random draws are made, but a format fault the
+grammar cannot produce (missing, reordered or unclosed stages, no tags, a cut-off text) is not
+applied, exactly as a constrained decoder would never emit it; wrong conclusions (still valid
+class names) stay, so only format rejections change.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends.base import BackendError, Request, Result
-from dbr_builder.core.scenes import CLASSES, SCENES_FILE, load_scenes
+from dbr_builder.core.scenes import CLASSES, SCENES_FILE, load_scenes, shape_chain_parts
 
 STAGES = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
 HINT_MARK = "the correct class is \""
@@ -36,7 +42,7 @@ class OracleBackend:
     wants_images = False  # reads scene attributes, never pixels
 
     def __init__(self, seed: int = 0, p_wrong: float = 0.15, p_missing: float = 0.05,
-                 p_reorder: float = 0.05, p_malformed: float = 0.05):
+                 p_reorder: float = 0.05, p_malformed: float = 0.05, constrain: list[str] | None = None):
         rates = {"p_wrong": p_wrong, "p_missing": p_missing, "p_reorder": p_reorder, "p_malformed": p_malformed}
         for k, v in rates.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
@@ -52,6 +58,10 @@ class OracleBackend:
         args = ",".join(f"{k}={v:g}" for k, v in self.rates.items())
         self.model = f"oracle(seed={self.seed},{args})"
         self._scenes: dict[Path, dict[str, dict[str, Any]]] = {}
+        if isinstance(constrain, str):
+            constrain = [c.strip() for c in constrain.split("|") if c.strip()]
+        self.constrain = list(constrain) if constrain else None
+        self.stats = {"format_faults_prevented": 0}
 
     # -- scene lookup -------------------------------------------------------------------------
     def _scene(self, image: str) -> dict[str, Any]:
@@ -68,7 +78,13 @@ class OracleBackend:
 
     # -- chain writing ------------------------------------------------------------------------
     def chain_parts(self, scene: dict[str, Any], claimed: str) -> dict[str, str]:
-        """The five stages for ``scene`` concluding ``claimed`` (the true class or a wrong one)."""
+        """The five stages for ``scene`` concluding ``claimed`` (the true class or a wrong one).
+
+        Scenes of the shortcut variant get a chain of shape evidence only (no word about the
+        colours or the background, which carry the spurious attribute): ``shape_chain_parts``.
+        """
+        if scene.get("variant") == "shortcut":
+            return shape_chain_parts(scene, claimed)
         corners, structure = CLASSES[claimed]
         true_cls = scene["class_name"]
         edges = "one continuous curved edge" if corners == 0 else "straight edges meeting at sharp corners"
@@ -108,7 +124,8 @@ class OracleBackend:
         r = self.rates
         true_cls = scene["class_name"]
         wrong = (not hinted) and rng.random() < r["p_wrong"]
-        claimed = rng.choice(sorted(c for c in CLASSES if c != true_cls)) if wrong else true_cls
+        classes = scene.get("classes") or CLASSES  # the variant's class set
+        claimed = rng.choice(sorted(c for c in classes if c != true_cls)) if wrong else true_cls
         parts = self.chain_parts(scene, claimed)
         u = rng.random()
         fault = None
@@ -137,6 +154,13 @@ class OracleBackend:
             fault = f"malformed:{kind}"
         else:
             text = self.join(parts)
+        if fault is not None and self.constrain is not None:
+            # The grammar admits only the five stages in order, closed, with a class name as
+            # conclusion: none of these faults can be decoded. Same draws, so wrong answers match.
+            if claimed not in self.constrain:
+                raise ValueError(f"oracle: conclusion {claimed!r} is not one of the constraint's classes")
+            self.stats["format_faults_prevented"] += 1
+            text, finish = self.join(self.chain_parts(scene, claimed)), "stop"
         return text, finish, {"wrong": wrong, "fault": fault}
 
     def generate(self, requests: list[Request]) -> list[Result]:

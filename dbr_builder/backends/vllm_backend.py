@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends.base import BackendError, EngineError, EngineStartError, Request, Result
+from dbr_builder.core.constrain import chain_regex
 from dbr_builder.core.fsutil import atomic_dir, sha256_file, stable_hash, write_json_atomic
 from dbr_builder.core.imageprep import load_image
 
@@ -363,7 +364,7 @@ class VLLMBackend:
                  max_lora_rank: int | None = None, max_num_seqs: int | None = None, seed: int = 0,
                  trust_remote_code: bool = False, engine_kwargs: dict[str, Any] | str | None = None,
                  adapter_mode: str = "auto", merge_dir: str | None = None, load_format: str | None = None,
-                 mm_processor_kwargs: dict[str, Any] | str | None = None):
+                 mm_processor_kwargs: dict[str, Any] | str | None = None, constrain: list[str] | None = None):
         vllm = _import_vllm()
         if isinstance(engine_kwargs, str):
             try:
@@ -440,6 +441,13 @@ class VLLMBackend:
             self.lora = LoRARequest("adapter", 1, lora_path)
         self.model = f"{model}+{adapter}" if adapter else model
         self.max_pixels = max_pixels
+        if constrain:
+            # The five-stage format with a class-name conclusion, enforced while decoding.
+            if regex is not None or json_schema is not None:
+                raise BackendError("vllm backend: give either constrain or regex/json_schema, not both")
+            if isinstance(constrain, str):
+                constrain = [c.strip() for c in constrain.split("|") if c.strip()]
+            regex = chain_regex(list(constrain))
         self._structured = (regex, json_schema)
         self.stats = {"requests": 0, "errors": 0, "batch_failures": 0}
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.errors import UserError
+from dbr_builder.errors import ConfigError, UserError
 
 
 def temp_beside(dest: str | os.PathLike[str], suffix: str = "") -> Path:
@@ -61,6 +61,8 @@ def os_error_of(e: BaseException, path: str | os.PathLike[str]) -> OSError | Non
     an OSError naming a temporary file; this gives the CLI one line naming the real output.
     None when ``e`` is not such a failure.
     """
+    if isinstance(e, (UserError, ConfigError)):
+        return None  # our own errors already say what is wrong
     code = e.errno if isinstance(e, OSError) else None
     if code is None:
         text = str(e)

@@ -33,8 +33,10 @@ from dbr_builder.errors import UserError
 
 COLUMNS = (
     "request_key", "image_id", "prompt_name", "prompt_id", "model", "params",
-    "sample_index", "text", "finish_reason", "out_tokens", "error",
+    "sample_index", "text", "finish_reason", "out_tokens", "error", "in_tokens", "request_id", "route",
 )
+# Columns added after the first release: old stores get them (NULL) on open (see _migrate).
+ADDED_COLUMNS = {"in_tokens": "INTEGER", "request_id": "TEXT", "route": "TEXT"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -50,7 +52,31 @@ CREATE TABLE IF NOT EXISTS results (
     out_tokens    INTEGER,
     error         TEXT,
     attempts      INTEGER NOT NULL DEFAULT 1,
-    created       REAL NOT NULL
+    created       REAL NOT NULL,
+    in_tokens     INTEGER,  -- prompt tokens of the request, on its first candidate's row only (billed once)
+    request_id    TEXT,     -- the request (batch custom_id) that produced the row: its first candidate's key
+    route         TEXT      -- live | batch (a Batch API job or an imported batch results file)
+);
+-- OpenAI Batch API jobs: a killed run resumes polling the same batch instead of paying twice.
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id      TEXT PRIMARY KEY,
+    input_file_id TEXT,
+    status        TEXT NOT NULL,
+    imported      INTEGER NOT NULL DEFAULT 0,
+    requests      INTEGER NOT NULL,
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL
+);
+-- What each exported/submitted request stands for: custom_id -> the candidates it fills.
+CREATE TABLE IF NOT EXISTS batch_requests (
+    custom_id     TEXT PRIMARY KEY,
+    image_id      TEXT NOT NULL,
+    prompt_name   TEXT NOT NULL,
+    prompt_id     TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    params        TEXT NOT NULL,
+    samples       TEXT NOT NULL,  -- JSON [[sample_index, request_key], ...] in choice order
+    batch_id      TEXT
 );
 -- The resume scan reads only this small index, never the row pages holding the texts.
 CREATE INDEX IF NOT EXISTS results_done ON results(request_key) WHERE error IS NULL;
@@ -66,21 +92,38 @@ VALUES ({", ".join("?" * len(COLUMNS))}, 1, ?)
 ON CONFLICT(request_key) DO UPDATE SET
     text = excluded.text, finish_reason = excluded.finish_reason,
     out_tokens = excluded.out_tokens, error = excluded.error,
-    attempts = results.attempts + excluded.attempts, created = excluded.created
+    attempts = results.attempts + excluded.attempts, created = excluded.created,
+    in_tokens = excluded.in_tokens, request_id = excluded.request_id, route = excluded.route
 WHERE results.error IS NOT NULL
 """
 
 
 # Merging: same rule as _UPSERT; attempts are the max because shards never share keys' attempts.
+# {select} reads NULL for columns an older source store lacks.
 _MERGE = f"""
 INSERT INTO results ({", ".join(COLUMNS)}, attempts, created)
-SELECT {", ".join(COLUMNS)}, attempts, created FROM src.results WHERE true
+SELECT {{select}}, attempts, created FROM src.results WHERE true
 ON CONFLICT(request_key) DO UPDATE SET
     text = excluded.text, finish_reason = excluded.finish_reason,
     out_tokens = excluded.out_tokens, error = excluded.error,
-    attempts = MAX(results.attempts, excluded.attempts), created = excluded.created
+    attempts = MAX(results.attempts, excluded.attempts), created = excluded.created,
+    in_tokens = excluded.in_tokens, request_id = excluded.request_id, route = excluded.route
 WHERE results.error IS NOT NULL
 """
+
+
+def _select_list(con: sqlite3.Connection, table: str = "results", schema: str = "main") -> str:
+    """COLUMNS as a SELECT list, NULL for the ones a (read-only, older) store lacks."""
+    have = {r[1] for r in con.execute(f"PRAGMA {schema}.table_info({table})")}
+    return ", ".join(c if c in have else f"NULL AS {c}" for c in COLUMNS)
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Add the columns of newer releases to an older store (NULL: usage unknown for old rows)."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(results)")}
+    for col, typ in ADDED_COLUMNS.items():
+        if col not in have:
+            con.execute(f"ALTER TABLE results ADD COLUMN {col} {typ}")
 
 
 def request_key(image_id: str, prompt_id: str, model: str, params: str, sample_index: int) -> str:
@@ -111,12 +154,15 @@ class Row:
     finish_reason: str | None
     out_tokens: int | None
     error: str | None = None
+    in_tokens: int | None = None
+    request_id: str | None = None
+    route: str | None = None
 
     def values(self, now: float) -> tuple:
         # Text from a backend may hold lone surrogates (refused by SQLite) or an echoed secret.
         return (self.request_key, self.image_id, self.prompt_name, self.prompt_id, self.model, self.params,
                 self.sample_index, clean_text(self.text), self.finish_reason, self.out_tokens,
-                clean_text(redact(self.error)), now)
+                clean_text(redact(self.error)), self.in_tokens, self.request_id, self.route, now)
 
 
 def store_dir(workdir: str | os.PathLike[str], dataset: str) -> Path:
@@ -187,6 +233,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con.execute("PRAGMA wal_autocheckpoint=20000")
         con.execute("PRAGMA cache_size=-65536")
         con.executescript(_SCHEMA)
+        _migrate(con)
     con.execute("PRAGMA busy_timeout=60000")
     return con
 
@@ -273,6 +320,60 @@ class Store:
         return int(good), int(bad)
 
 
+    # -- batch jobs (OpenAI Batch API, exported batch files) ----------------------------------
+    def add_batch_requests(self, entries: Sequence[dict[str, Any]], batch_id: str | None = None) -> None:
+        """Remember what each exported request stands for (``custom_id`` -> its candidates).
+
+        ``entries``: dicts with ``custom_id, image_id, prompt_name, prompt_id, model, params``
+        and ``samples`` (``[[sample_index, request_key], ...]`` in choice order).
+        """
+        if not entries:
+            return
+        con = self.con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.executemany(
+                "INSERT INTO batch_requests (custom_id, image_id, prompt_name, prompt_id, model, params, samples, "
+                "batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(custom_id) DO UPDATE SET "
+                "samples = excluded.samples, batch_id = COALESCE(excluded.batch_id, batch_requests.batch_id)",
+                [(e["custom_id"], e["image_id"], e["prompt_name"], e["prompt_id"], e["model"], e["params"],
+                  json.dumps(e["samples"]), batch_id) for e in entries])
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def batch_requests(self, custom_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``{custom_id: entry}`` of remembered requests (all, or those in ``custom_ids``)."""
+        cols = ("custom_id", "image_id", "prompt_name", "prompt_id", "model", "params", "samples", "batch_id")
+        rows = self.con.execute(f"SELECT {', '.join(cols)} FROM batch_requests").fetchall()
+        want = set(custom_ids) if custom_ids is not None else None
+        out = {}
+        for r in rows:
+            if want is None or r[0] in want:
+                e = dict(zip(cols, r, strict=True))
+                e["samples"] = [tuple(x) for x in json.loads(e["samples"])]
+                out[r[0]] = e
+        return out
+
+    def save_batch(self, batch_id: str, status: str, requests: int, input_file_id: str | None = None,
+                   imported: bool = False) -> None:
+        """Record (or update) a Batch API job; committed at once so a killed run finds it."""
+        now = time.time()
+        self.con.execute(
+            "INSERT INTO batches (batch_id, input_file_id, status, imported, requests, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(batch_id) DO UPDATE SET status = excluded.status, "
+            "imported = MAX(batches.imported, excluded.imported), updated = excluded.updated, "
+            "input_file_id = COALESCE(excluded.input_file_id, batches.input_file_id)",
+            (batch_id, input_file_id, status, int(imported), int(requests), now, now))
+
+    def open_batches(self) -> list[dict[str, Any]]:
+        """Batch jobs submitted but not yet imported, oldest first."""
+        cols = ("batch_id", "input_file_id", "status", "requests", "created")
+        return [dict(zip(cols, r, strict=True)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM batches WHERE imported = 0 ORDER BY created")]
+
+
 def done_keys_of(path: str | os.PathLike[str]) -> set[str]:
     """Keys stored without error in one store file."""
     f = Path(path)
@@ -296,13 +397,44 @@ def done_keys(workdir: str | os.PathLike[str], dataset: str) -> set[str]:
     return keys
 
 
+def usage_groups(workdir: str | os.PathLike[str], dataset: str) -> list[dict[str, Any]]:
+    """Token usage of a dataset's good candidates, summed per (model, route) in SQL.
+
+    ``requests`` counts distinct ``request_id``; rows stored before usage was recorded have
+    none and are counted in ``rows_without_usage``. Route NULL (older rows) counts as live.
+    """
+    sums: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in store_files(workdir, dataset):
+        con = _connect(f, readonly=True)
+        try:
+            have = {r[1] for r in con.execute("PRAGMA table_info(results)")}
+            if not set(ADDED_COLUMNS) <= have:  # an older store, opened read-only: no usage recorded
+                q = ("SELECT model, 'live', 0, COUNT(*), 0, COALESCE(SUM(out_tokens), 0), COUNT(*) "
+                     "FROM results WHERE error IS NULL GROUP BY model")
+            else:
+                q = ("SELECT model, COALESCE(route, 'live'), COUNT(DISTINCT request_id), COUNT(*), "
+                     "COALESCE(SUM(in_tokens), 0), COALESCE(SUM(out_tokens), 0), SUM(request_id IS NULL) "
+                     "FROM results WHERE error IS NULL GROUP BY model, COALESCE(route, 'live')")
+            for model, route, reqs, cands, tin, tout, legacy in con.execute(q):
+                g = sums.setdefault((model, route), {"model": model, "route": route, "requests": 0, "candidates": 0,
+                                                     "in_tokens": 0, "out_tokens": 0, "rows_without_usage": 0})
+                for k, v in (("requests", reqs), ("candidates", cands), ("in_tokens", tin), ("out_tokens", tout),
+                             ("rows_without_usage", legacy)):
+                    g[k] += int(v or 0)
+        except sqlite3.DatabaseError as e:
+            raise _unusable(f, e) from None
+        finally:
+            con.close()
+    return [sums[k] for k in sorted(sums)]
+
+
 def _rows(files: Iterable[Path]) -> list[tuple]:
     """All rows of several files; per key a good row wins over an error row."""
     best: dict[str, tuple] = {}
     for f in files:
         con = _connect(f, readonly=True)
         try:
-            for row in con.execute(f"SELECT {', '.join(COLUMNS)} FROM results"):
+            for row in con.execute(f"SELECT {_select_list(con)} FROM results"):
                 old = best.get(row[0])
                 if old is None or (old[10] is not None and row[10] is None):
                     best[row[0]] = row
@@ -317,7 +449,9 @@ def read_results(workdir: str | os.PathLike[str], dataset: str):
     """Every stored candidate of a dataset as a polars DataFrame (one row per request key).
 
     Columns: request_key, image_id, prompt_name, prompt_id, model, params (JSON str),
-    sample_index, text, finish_reason, out_tokens, error (null for a good result).
+    sample_index, text, finish_reason, out_tokens, error (null for a good result), in_tokens
+    (prompt tokens of the request, on its first candidate's row; null when not reported),
+    request_id (the request that produced the row), route (live / batch / import).
     Shard files are read along with the merged file, so merging is optional.
     """
     import polars as pl
@@ -326,6 +460,7 @@ def read_results(workdir: str | os.PathLike[str], dataset: str):
         "request_key": pl.Utf8, "image_id": pl.Utf8, "prompt_name": pl.Utf8, "prompt_id": pl.Utf8,
         "model": pl.Utf8, "params": pl.Utf8, "sample_index": pl.Int64, "text": pl.Utf8,
         "finish_reason": pl.Utf8, "out_tokens": pl.Int64, "error": pl.Utf8,
+        "in_tokens": pl.Int64, "request_id": pl.Utf8, "route": pl.Utf8,
     }
     rows = _rows(store_files(workdir, dataset))
     df = pl.DataFrame(rows, schema=schema, orient="row")
@@ -386,7 +521,7 @@ def merge(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]
             try:
                 before = st.con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
                 st.con.execute("BEGIN IMMEDIATE")
-                st.con.execute(_MERGE)
+                st.con.execute(_MERGE.format(select=_select_list(st.con, schema="src")))
                 st.con.execute("COMMIT")
                 added += st.con.execute("SELECT COUNT(*) FROM results").fetchone()[0] - before
             finally:

@@ -6,6 +6,16 @@ colour, size, position and rotation. The layout is DomainBed's
 (``ROOT/SynthShapes/<domain>/<class>/<image>.png``) and every image's scene
 attributes go to ``ROOT/SynthShapes/scenes.jsonl`` so that the oracle teacher can
 write true reasoning chains from them.
+
+Two variants:
+
+- ``classic``: the six classes, random size and position (the original benchmark);
+- ``shortcut``: built for a tiny student to learn on CPU (docs/RESULTS.md): a smaller class set
+  (default circle, square, star, triangle) drawn large near the centre, and a *spurious
+  attribute* (the background colour, or the fill colour) that agrees with the class with a
+  probability set per domain: e.g. 0.9 in the training domains and chance in the held-out one,
+  as in ColoredMNIST or Waterbirds. In the sketch domain the paper takes the background colour
+  and the hatching the fill colour, so the attribute is visible in every domain.
 """
 
 from __future__ import annotations
@@ -40,9 +50,15 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     DOMAINS,
     META_FILE,
     SCENES_FILE,
+    SHORTCUT_CLASSES,
+    SPURIOUS_ATTRIBUTES,
+    SPURIOUS_VALUES,
     STYLES,
+    VARIANTS,
     load_scenes,
+    spurious_value,
 )
+from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import show_progress
 
 
@@ -96,12 +112,15 @@ def render(scene: dict[str, Any], size: int, rng: random.Random) -> Image.Image:
         d.line(pts + [pts[0]], fill=(0, 0, 0), width=max(3, size // 32), joint="curve")
         return img
     if dom == "sketch":
-        img = Image.new("RGB", (size, size), (250, 250, 246))
-        hatch = Image.new("RGB", (size, size), (250, 250, 246))
+        # shortcut variant: coloured paper and coloured-pencil hatching carry the spurious attribute
+        shortcut = scene.get("variant") == "shortcut"
+        paper = bg if shortcut else (250, 250, 246)
+        img = Image.new("RGB", (size, size), paper)
+        hatch = Image.new("RGB", (size, size), paper)
         hd = ImageDraw.Draw(hatch)
         step = max(4, size // 20)
         for k in range(-size, size, step):
-            hd.line([(k, size), (k + size, 0)], fill=(150, 150, 150), width=1)
+            hd.line([(k, size), (k + size, 0)], fill=fill if shortcut else (150, 150, 150), width=1)
         img = Image.composite(hatch, img, _mask(size, pts))
         d = ImageDraw.Draw(img)
         for _ in range(3):  # several jittered passes look like a pencil outline
@@ -145,15 +164,57 @@ def render(scene: dict[str, Any], size: int, rng: random.Random) -> Image.Image:
     return Image.composite(shade, img, _mask(size, pts))
 
 
-def make_scene(seed: int, domain: str, class_name: str, index: int) -> dict[str, Any]:
+# shortcut variant: shapes stand nearly upright (degrees either way), so that a tiny vision tower
+# trained from scratch need not also learn rotation invariance within CPU minutes
+ROTATION_JITTER = 15.0
+SHORTCUT_FILLS = ("blue", "brown", "green", "purple", "red", "teal")
+
+
+def _spurious(rng: random.Random, spurious: dict[str, Any], classes: list[str], domain: str,
+              class_name: str) -> tuple[str, str, float]:
+    """(value, class it points to, agreement) of the spurious attribute of one image.
+
+    With probability ``agreement`` the class's own value, else one of the other classes' values
+    uniformly; a domain without an agreement gets chance (1 / number of classes), i.e. the value
+    is uniform over all classes' values.
+    """
+    p = spurious.get("agreement", {}).get(domain)
+    p = 1.0 / len(classes) if p is None else float(p)
+    target = class_name if rng.random() < p else rng.choice([c for c in classes if c != class_name])
+    return spurious_value(spurious["attribute"], classes, target), target, p
+
+
+def make_scene(seed: int, domain: str, class_name: str, index: int, variant: str = "classic",
+               classes: list[str] | None = None, spurious: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sample the attributes of one image (deterministic in its arguments)."""
     rng = _rng("scene", seed, domain, class_name, index)
     color = rng.choice(sorted(COLORS))
     background = rng.choice(sorted(BACKGROUNDS))
-    size_frac = round(rng.uniform(0.17, 0.36), 4)
-    margin = size_frac + 0.04
-    cx, cy = round(rng.uniform(margin, 1 - margin), 4), round(rng.uniform(margin, 1 - margin), 4)
-    rotation = round(rng.uniform(0, 360), 2) if class_name != "circle" else 0.0
+    extra: dict[str, Any] = {}
+    if variant == "shortcut":
+        # dark fills on light backgrounds: the outline is a luminance edge in every domain
+        color = rng.choice(SHORTCUT_FILLS)
+        # large and near the centre: the outline covers many patches of the tiny student's tower
+        size_frac = round(rng.uniform(0.28, 0.38), 4)
+        cx, cy = round(rng.uniform(0.44, 0.56), 4), round(rng.uniform(0.44, 0.56), 4)
+        sp = spurious or {"attribute": "background", "agreement": {}}
+        value, points_to, p = _spurious(rng, sp, sorted(classes or SHORTCUT_CLASSES), domain, class_name)
+        if sp["attribute"] == "background":
+            background = value
+        else:
+            color = value
+        extra = {"variant": variant, "classes": sorted(classes or SHORTCUT_CLASSES), "spurious_attribute": sp["attribute"], "spurious_value": value,
+                 "spurious_class": points_to, "spurious_agreement": p}
+    else:
+        size_frac = round(rng.uniform(0.17, 0.36), 4)
+        margin = size_frac + 0.04
+        cx, cy = round(rng.uniform(margin, 1 - margin), 4), round(rng.uniform(margin, 1 - margin), 4)
+    if class_name == "circle":
+        rotation = 0.0
+    elif variant == "shortcut":
+        rotation = round(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER), 2)
+    else:
+        rotation = round(rng.uniform(0, 360), 2)
     corners, structure = CLASSES[class_name]
     return {
         "domain": domain, "class_name": class_name, "shape": class_name, "corners": corners,
@@ -162,36 +223,68 @@ def make_scene(seed: int, domain: str, class_name: str, index: int) -> dict[str,
         "background": background, "size_frac": size_frac,
         "size": "small" if size_frac < 0.23 else "medium" if size_frac < 0.30 else "large",
         "cx": cx, "cy": cy, "position": _position_name(cx, cy), "rotation_deg": rotation,
-        "style": STYLES[domain], "seed": seed,
+        "style": STYLES[domain], "seed": seed, **extra,
     }
+
+
+def check_variant(variant: str, classes: list[str] | None, spurious: dict[str, Any] | None) -> None:
+    """Refuse an unknown variant, class, domain, attribute or agreement with a one-line error."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"synth.variant={variant!r}; expected one of {', '.join(VARIANTS)}")
+    if variant == "classic":
+        if classes is not None or spurious is not None:
+            raise ConfigError("synth: `classes` and `spurious` need `variant: shortcut`")
+        return
+    if classes is not None:
+        bad = [c for c in classes if c not in CLASSES]
+        if bad or len(set(classes)) < 2 or len(set(classes)) != len(classes):
+            raise ConfigError(f"synth.classes={classes!r}: two or more distinct names from {', '.join(CLASSES)}")
+    if spurious is not None:
+        attr = spurious.get("attribute", "background")
+        if attr not in SPURIOUS_ATTRIBUTES:
+            raise ConfigError(f"synth.spurious.attribute={attr!r}; expected one of {', '.join(SPURIOUS_ATTRIBUTES)}")
+        for dom, p in (spurious.get("agreement") or {}).items():
+            if dom not in DOMAINS:
+                raise ConfigError(f"synth.spurious.agreement: {dom!r} is not a domain ({', '.join(DOMAINS)})")
+            if p is not None and (isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1):
+                raise ConfigError(f"synth.spurious.agreement.{dom}={p!r}; expected a number in [0, 1] or null (chance)")
 
 
 _D = schema_defaults("synth")  # the option defaults, defined once in schemas/stages/synth.schema.json
 
 
 def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int = _D["per_class"],
-                      image_size: int = _D["image_size"],
-                      force: bool = False, progress: bool = False) -> Path:
+                      image_size: int = _D["image_size"], force: bool = False, progress: bool = False, variant: str = "classic",
+                      classes: list[str] | None = None, spurious: dict[str, Any] | None = None) -> Path:
     """Write ``ROOT/SynthShapes`` (idempotent: an identical existing tree is kept as is).
 
     The tree is built in a temporary folder beside the target and renamed into place,
-    so an interrupted run never leaves a partial dataset.
+    so an interrupted run never leaves a partial dataset. ``variant``, ``classes`` and
+    ``spurious`` (``{"attribute": "background"|"color", "agreement": {domain: p or None}}``)
+    select the shortcut variant (module doc).
     """
     if per_class < 1 or not 32 <= image_size <= 2048 or seed < 0:
         raise ValueError("per_class must be >= 1, image_size in [32, 2048] and seed >= 0")
+    check_variant(variant, classes, spurious)
     root = Path(root)
     dest = root / DATASET
-    params = {"seed": seed, "per_class": per_class, "image_size": image_size, "version": 1}
+    params: dict[str, Any] = {"seed": seed, "per_class": per_class, "image_size": image_size, "version": 1}
+    class_names = list(CLASSES)
+    if variant != "classic":
+        class_names = sorted(classes or SHORTCUT_CLASSES)
+        spurious = {"attribute": (spurious or {}).get("attribute", "background"),
+                    "agreement": dict((spurious or {}).get("agreement") or {})}
+        params.update(variant=variant, classes=class_names, spurious=spurious)
     meta_path = dest / META_FILE
     if not force and meta_path.exists() and _read_meta(meta_path) == params:
         return dest
     with _locked_dir(root, dest) as tmp:
         scenes = []
-        jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
+        jobs = [(d, c, i) for d in DOMAINS for c in class_names for i in range(per_class)]
         from tqdm import tqdm
 
         for domain, cls, i in tqdm(jobs, desc="synth", unit="img", disable=not show_progress(progress)):
-            scene = make_scene(seed, domain, cls, i)
+            scene = make_scene(seed, domain, cls, i, variant, class_names, spurious)
             rel = f"{domain}/{cls}/{cls}_{i:05d}.png"
             scene = {"path": rel, **scene}
             out = tmp / rel
@@ -228,32 +321,58 @@ PER_DATASET = False
 
 def _params(cfg: dict[str, Any]) -> dict[str, Any]:
     o = resolve("synth", cfg)
-    return {"seed": o.seed, "per_class": o.per_class, "image_size": o.image_size}
+    out = {"seed": o.seed, "per_class": o.per_class, "image_size": o.image_size, "variant": o.variant}
+    if o.variant == "shortcut":
+        out.update(classes=list(o.classes), spurious=dict(o.spurious))
+    elif cfg.get("classes") is not None or cfg.get("spurious") is not None:
+        raise ConfigError("synth: `classes` and `spurious` need `variant: shortcut`")
+    return out
+
+
+def _num_classes(p: dict[str, Any]) -> int:
+    if p["variant"] == "classic":
+        return len(CLASSES)
+    return len(p.get("classes") or SHORTCUT_CLASSES)
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Pipeline stage: write SynthShapes under ``cfg['root']``."""
-    dest = write_synthshapes(cfg["root"], **_params(cfg), progress=True)
     p = _params(cfg)
-    return {"path": str(dest), "images": p["per_class"] * len(CLASSES) * len(DOMAINS)}
+    dest = write_synthshapes(cfg["root"], **p, progress=True)
+    return {"path": str(dest), "images": p["per_class"] * _num_classes(p) * len(DOMAINS)}
 
 
 def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
     return [Path(cfg["root"]) / DATASET]
 
 
+def _agreement(text: str) -> tuple[str, float | None]:
+    dom, sep, p = text.partition("=")
+    if not sep:
+        raise UserError(f"--agreement {text!r}: expected DOMAIN=P (P in [0, 1], or `chance`)")
+    try:
+        return dom, None if p == "chance" else float(p)
+    except ValueError:
+        raise UserError(f"--agreement {text!r}: {p!r} is not a number or `chance`") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="data root; writes ROOT/SynthShapes/<domain>/<class>/<image>")
-    for key in ("seed", "per_class", "image_size"):
+    for key in ("seed", "per_class", "image_size", "variant", "classes", "spurious.attribute"):
         add_option(p, "synth", key)
+    add_option(p, "synth", "spurious.agreement", "--agreement", nargs="+", metavar="DOMAIN=P", type=str)
     p.add_argument("--force", action="store_true", help="rewrite even if an identical tree exists")
 
 
 def main(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
+    given = opts.get("spurious", {}).get("agreement")
+    if given is not None:  # DOMAIN=P words -> the schema's {domain: p} mapping
+        opts["spurious"]["agreement"] = dict(_agreement(a) for a in given)
     validate_options(opts, "synth", "command line", flags_of(args))
     p = _params(opts)
     dest = write_synthshapes(args.root, **p, force=args.force, progress=True)
-    n = p["per_class"] * len(CLASSES) * len(DOMAINS)
-    print(f"SynthShapes: {n} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {p['per_class']}) in {dest}")
+    k = _num_classes(p)
+    n = p["per_class"] * k * len(DOMAINS)
+    print(f"SynthShapes ({p['variant']}): {n} images ({len(DOMAINS)} domains x {k} classes x {p['per_class']}) in {dest}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.core.fsutil import sha256_file, write_json_atomic
-from dbr_builder.core.manifest import walk_class
+from dbr_builder.core.manifest import shown, walk_class
 from dbr_builder.errors import UserError
 
 LOCK_NAME = ".dbr-download.lock.json"
@@ -158,6 +158,6 @@ def find_duplicates(dest: Path) -> list[list[str]]:
             continue  # a unique size cannot have an exact duplicate: no need to hash it
         by_hash: dict[str, list[str]] = defaultdict(list)
         for p in paths:
-            by_hash[hashlib.sha256(p.read_bytes()).hexdigest()].append(p.relative_to(dest).as_posix())
+            by_hash[hashlib.sha256(p.read_bytes()).hexdigest()].append(shown(p.relative_to(dest).as_posix()))
         groups.extend(sorted(g) for g in by_hash.values() if len(g) > 1)
     return sorted(groups)

@@ -45,7 +45,7 @@ from dbr_builder.config import (
 )
 from dbr_builder.core import prompts
 from dbr_builder.core import workdir as wdl
-from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.fsutil import naming, stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.sanitize import clean_text, redact
@@ -275,7 +275,7 @@ def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
 def append_predictions(path: Path, records: list[dict[str, Any]]) -> None:
     """Append records as JSON lines and fsync (one batch = one durable write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    with naming(path), open(path, "a", encoding="utf-8") as f:
         # a torn previous line gets its own line so the new records stay parseable
         if f.tell() > 0:
             with open(path, "rb") as r:
