@@ -469,8 +469,8 @@ def _run(c: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def job_units(cfg: dict[str, Any], workdir: Path, opts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The LODO units of the config, each ``{"id", "dataset", "heldout", "seed"}`` (checked before any job)."""
     c = _checked(cfg)
-    if c["student"] == "tiny":
-        resolve_student("tiny", Path(workdir))  # build it once here, not in every unit job at the same time
+    if c["student"] == "tiny" or c["student"].startswith("tiny:"):
+        resolve_student(c["student"], Path(workdir))  # build it once here, not in every unit job at once
     units = []
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, Path(workdir)), ds)
