@@ -3,8 +3,9 @@ is kept when it is a complete five-stage chain whose ``<CONCLUSION>`` names the 
 
 Generation runs in-process with ``model.generate`` on the live (LoRA) weights by default, or through
 any ``dbr_builder.backends`` spec (e.g. ``vllm:<base model>`` with the round's adapter) when the
-config names one. Images with no correct self chain follow the ``no_correct`` policy:
-``keep_teacher`` (train on the teacher chain) or ``drop`` (leave the image out of the round).
+config names one. Images with no correct self chain follow the ``no_correct`` policy: ``drop``
+(the default and the paper's rule: leave the image out of the round) or ``keep_teacher`` (train on
+its teacher chain). Each round records how many teacher chains it still trains on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends import Request, make_backend
+from dbr_builder.core import chat
 from dbr_builder.core.answers import match_class
 from dbr_builder.core.chains import parse_chain
 from dbr_builder.core.fsutil import write_text_atomic
@@ -29,7 +31,7 @@ class SarrConfig:
     """One SARR round's self-labeling settings (`sarr:` in the config)."""
 
     rounds: int = 3
-    no_correct: str = "keep_teacher"  # keep_teacher | drop
+    no_correct: str = "drop"  # drop (the paper: only correct self chains) | keep_teacher
     init: str = "continue"  # continue (from the current adapter) | restart (fresh adapter on the base model)
     n: int = 1  # candidates per image; the first correct one is kept
     max_new_tokens: int = 512
@@ -52,9 +54,10 @@ def judge(text: str | None, label: str, classes: Sequence[str], synonyms: dict[s
 
 
 def generate_with_model(
-    model: Any, encoder: SampleEncoder, examples: Sequence[Example], sc: SarrConfig, seed: int
+    model: Any, encoder: SampleEncoder, examples: Sequence[Example], sc: SarrConfig, seed: int,
+    prompt: str | None = None,
 ) -> list[list[str]]:
-    """n chains per example from the live model (left-padded batched ``generate``)."""
+    """n answers per example from the live model (left-padded batched ``generate``); q_reason by default."""
     import torch
     from tqdm import tqdm
 
@@ -69,11 +72,10 @@ def generate_with_model(
     try:
         for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch"):
             chunk = examples[lo : lo + sc.batch_size]
-            text = [encoder.prompt_text(encoder.q_reason)] * len(chunk)
-            enc = encoder.processor(
-                text=text, images=[load_image(e.image) for e in chunk], return_tensors="pt", padding=True,
-                **encoder.processor_kwargs,
-            )
+            text = [encoder.prompt_text(prompt or encoder.q_reason)] * len(chunk)
+            # one image list per text (Gemma3 / Idefics3 need it), no second BOS
+            enc = chat.encode(encoder.processor, text, [[load_image(e.image)] for e in chunk], padding=True,
+                              **encoder.processor_kwargs)
             enc = {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
             sample = sc.temperature > 0
             with torch.no_grad():
@@ -159,6 +161,8 @@ def self_label(
         "rejection_rate": rejected / n if n else 0.0,
         "candidate_verdicts": dict(sorted(reasons.items())),
         "train_images": len(kept),
+        "self_chains": n - rejected,
+        "teacher_chains": sum(ex.chain_source == "teacher" for ex in kept),
         "no_correct": sc.no_correct,
     }
     return kept, stats, records
