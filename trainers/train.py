@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", "vision": True, "modules_to_save": None,
 }
-VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mlp1).*"
+VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|connector|mlp1).*"
 
 
 def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -69,11 +69,16 @@ class VLLMBackend:
                  enable_prefix_caching: bool = True, limit_images: int = 1, max_pixels: int | None = None,
                  min_pixels: int | None = None, regex: str | None = None, json_schema: dict | str | None = None,
                  max_lora_rank: int = 16, max_num_seqs: int | None = None, seed: int = 0,
-                 trust_remote_code: bool = False, engine_kwargs: dict[str, Any] | str | None = None):
+                 trust_remote_code: bool = False, engine_kwargs: dict[str, Any] | str | None = None,
+                 processor_kwargs: dict[str, Any] | str | None = None):
         vllm = _import_vllm()
         if isinstance(engine_kwargs, str):
             engine_kwargs = json.loads(engine_kwargs)
-        mm_kwargs = {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v}
+        if isinstance(processor_kwargs, str):
+            processor_kwargs = json.loads(processor_kwargs)
+        # processor settings (e.g. those a student was trained with) reach vLLM's HF processor
+        mm_kwargs = {**(processor_kwargs or {}),
+                     **{k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v}}
         kw: dict[str, Any] = {
             "model": model,
             "tensor_parallel_size": int(tensor_parallel_size),
