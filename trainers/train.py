@@ -400,11 +400,15 @@ def train_one(
             if sc.init == "restart" and init_state is not None and find_checkpoint(swork) is None:
                 load_trainable_state(model, init_state)
             if not data:
-                raise UserError(f"{name}: no training images left (every self chain was wrong and "
-                                "sarr.no_correct=drop); use keep_teacher or train MTCT longer")
-        res = train_stage(model, encoder, data, lc, swork, resume=True,
-                          desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
-        info["train"] = res.summary()
+                log(f"warning: [train] {name}: no correct self chain and sarr.no_correct=drop: the round trains "
+                    "on nothing and keeps the previous weights")
+        if data:
+            res = train_stage(model, encoder, data, lc, swork, resume=True,
+                              desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
+            info["train"] = res.summary()
+        else:
+            info["train"] = {"steps": 0, "samples": 0, "truncated_samples": 0, "truncated_tokens": 0,
+                             "skipped": "no training images (no correct self chain)"}
         info["val"] = validate()
         log(f"[train] {name}: val accuracy (training domains' out) = {info['val']['accuracy']}")
         if state.is_main_process:
