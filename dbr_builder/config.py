@@ -8,6 +8,8 @@ and what is wrong, before any work starts.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import re
@@ -165,3 +167,140 @@ def load_stage_config(path: str | os.PathLike[str], stage: str) -> dict[str, Any
     if schema is not None:
         validate(raw, schema, str(path))
     return raw
+
+
+# --- options: the stage schemas are the one definition of every option ------------------------
+#
+# A stage option is defined once, in ``schemas/stages/<stage>.schema.json`` (type, range, default,
+# description). Stage code gets its options through :func:`resolve` (schema defaults filled in);
+# CLI flags are made from the same schema by :func:`add_option`, so a default or a range is never
+# written twice.
+
+
+class Options(dict):
+    """A stage's resolved options: a dict (JSON-able, hashable by ``stable_hash``) with attribute access."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _defaults_of(schema: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, prop in schema.get("properties", {}).items():
+        if "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+        elif prop.get("type") == "object" and "properties" in prop:
+            nested = _defaults_of(prop)
+            if nested:
+                out[key] = nested
+    return out
+
+
+def schema_defaults(stage: str) -> dict[str, Any]:
+    """Every default the stage schema states (nested objects as nested dicts)."""
+    schema = stage_schema(stage)
+    return _defaults_of(schema) if schema else {}
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif v is not None or k not in out:
+            out[k] = v
+    return out
+
+
+def resolve(stage: str, cfg: dict[str, Any]) -> Options:
+    """``cfg`` with the schema's defaults filled in (``None`` = not given, so the default applies)."""
+    return Options(_merge(schema_defaults(stage), dict(cfg)))
+
+
+def option_schema(stage: str, key: str) -> dict[str, Any]:
+    """The schema of one option; ``key`` may be dotted for a nested option (``rationalize.n``)."""
+    schema = stage_schema(stage) or {}
+    prop: dict[str, Any] = schema
+    for part in key.split("."):
+        props = prop.get("properties", {})
+        if part not in props:
+            raise KeyError(f"{stage}: no option {key!r} in schemas/stages/{stage}.schema.json")
+        prop = props[part]
+    return prop
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)  # argparse reports "invalid _number value"; NaN would pass range checks
+    return value
+
+
+_number.__name__ = "number"
+_TYPES = {"integer": int, "number": _number, "string": str}
+
+
+def add_option(parser: Any, stage: str, key: str, *flags: str, **kwargs: Any) -> Any:
+    """Add a CLI flag for the schema option ``key``: type, choices and help come from the schema.
+
+    The flag's default is ``None`` (not given): the schema's default applies in :func:`resolve`.
+    ``flags`` default to ``--key-with-dashes``; ``kwargs`` go to ``add_argument`` (e.g. ``action``).
+    """
+    prop = option_schema(stage, key)
+    types = prop.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    item = prop.get("items", {}) if "array" in types else prop
+    kw: dict[str, Any] = {"dest": key.replace(".", "__"), "default": None}
+    enum = item.get("enum")
+    if enum is not None:
+        kw["choices"] = [e for e in enum if e is not None]
+    if "boolean" in types and "array" not in types:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        item_types = item.get("type")
+        item_types = [item_types] if isinstance(item_types, str) else list(item_types or [])
+        conv = next((_TYPES[t] for t in ("integer", "number", "string") if t in item_types), None)
+        if conv is not None and not (conv is str and enum):
+            kw["type"] = conv
+        if "array" in types and "action" not in kwargs:
+            kw["nargs"] = "+"
+    text = prop.get("description", "")
+    if "default" in prop and prop["default"] not in (None, [], {}):
+        d = prop["default"]
+        text += f" (default {' '.join(map(str, d)) if isinstance(d, list) else d})"
+    kw["help"] = text.strip() or None
+    kw.update(kwargs)
+    if kw.get("action") in ("append", "store_true", "store_false", argparse.BooleanOptionalAction):
+        kw.pop("nargs", None)
+    if kw.get("action") in ("store_true", "store_false"):
+        kw.pop("type", None)
+        kw.pop("choices", None)
+    action = parser.add_argument(*(flags or ("--" + key.replace("_", "-").replace(".", "-"),)), **kw)
+    # remember which option each flag sets (options_from_args, and the one-definition test)
+    registry = parser.__dict__.setdefault("_dbr_options", {})
+    registry[kw["dest"]] = (stage, key, action.option_strings[0] if action.option_strings else key)
+    parser.set_defaults(_dbr_options=registry)
+    return action
+
+
+def options_from_args(args: Any) -> dict[str, Any]:
+    """The schema options the user gave on the command line (nested by their dotted keys)."""
+    out: dict[str, Any] = {}
+    for dest, (_stage, key, _flag) in getattr(args, "_dbr_options", {}).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def flags_of(args: Any) -> dict[str, str]:
+    """Top-level option key -> the flag that sets it (for error messages naming what the user typed)."""
+    return {key.split(".")[0]: flag for _s, key, flag in getattr(args, "_dbr_options", {}).values()}

@@ -20,7 +20,6 @@ list of dicts with the same columns (``image``, ``image_id``, ``domain``, ``clas
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +31,8 @@ from dbr_builder.core.fsutil import tree_fingerprint
 from dbr_builder.core.manifest import holdout_keys
 from dbr_builder.core.prompts import class_fields, render
 from dbr_builder.core.scenes import load_scenes
+from dbr_builder.core.workdir import safe_split_name  # noqa: F401  (re-exported for the trainers)
 from dbr_builder.errors import UserError
-from dbr_builder.stages.publish import safe_split_name as publish_safe
 
 IGNORE_INDEX = -100
 KIND_CLS = 0
@@ -66,18 +65,6 @@ class Sample:
     kind: int  # KIND_CLS or KIND_REASON
     answer_tokens: int = field(default=0)
     truncated: int = field(default=0)  # answer tokens cut off by ``max_length``
-
-
-def safe_split_name(domain: str) -> str:
-    """Hub split name of a domain (``Real World`` -> ``Real_World``); publish's rule when available."""
-    try:
-        return publish_safe(domain)
-    except ImportError:
-        return re.sub(r"[^A-Za-z0-9_.]+", "_", domain).strip("_") or "_"
-
-
-# ---------------------------------------------------------------------------------------------
-# rows -> examples
 
 
 def examples_from_rows(rows: Iterable[dict[str, Any]], source: str = "rows") -> list[Example]:

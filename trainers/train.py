@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.config import load_stage_config, validate_options
+from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
 from trainers import sarr as sarr_mod
-from trainers.data import SampleEncoder, load_published, lodo_split, safe_split_name
-from trainers.loop import LoopConfig, find_checkpoint, load_trainable_state, train_stage, trainable_state
+from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
-from trainers.select import SELECT_MODES, predict_classes, summarize_validation
 from trainers.tiny_model import build_tiny_model
 
 PER_DATASET = False
@@ -62,7 +61,7 @@ VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_moda
 
 
 def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("heldout", "max_steps")}}
+    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("heldout", "max_steps", "max_truncated_fraction")}}
     out["lora"] = {**LORA_DEFAULTS, **(cfg.get("lora") or {})}
     return out
 
@@ -80,7 +79,7 @@ def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
 
 def seed_dir(workdir: Path, run: str, dataset: str, heldout: str, seed: int) -> Path:
     """``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>``."""
-    return Path(workdir) / "runs" / run / dataset / safe_split_name(heldout) / f"seed{seed}"
+    return wdl.seed_dir(workdir, run, dataset, heldout, seed)
 
 
 def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
@@ -233,6 +232,7 @@ def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
 
 
 def _loop_config(c: dict[str, Any], seed: int):
+    from trainers.loop import LoopConfig  # pulls torch: keep `dbr --help` fast
     o = c.get("optim") or {}
     return LoopConfig(
         lr=float(o.get("lr", 5e-4)), weight_decay=float(o.get("weight_decay", 0.0)),
@@ -310,6 +310,14 @@ def train_one(
     """MTCT, SARR rounds and model selection for one held-out domain and seed."""
     import torch
     from accelerate import PartialState
+
+    from trainers.loop import (  # pulls torch
+        find_checkpoint,
+        load_trainable_state,
+        train_stage,
+        trainable_state,
+    )
+    from trainers.select import SELECT_MODES, predict_classes, summarize_validation  # pulls torch
 
 
     out = seed_dir(workdir, c["run"], dataset, heldout, seed)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -99,15 +99,6 @@ def prepare_content(content: list[dict], max_pixels: int | None, min_pixels: int
             part = {**part, "image": img}
         out.append(part)
     return out
-
-
-def content_images(content: list[dict], max_pixels: int | None = None) -> list[Any]:
-    """The RGB images of a request's content, in order (prepared ones reused)."""
-    return [
-        p["image"] if "image" in p else load_image(p["path"], max_pixels)
-        for p in content
-        if p.get("type") == "image"
-    ]
 
 
 def parallel_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> list[U]:

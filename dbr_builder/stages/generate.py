@@ -25,7 +25,14 @@ from typing import Any
 
 from dbr_builder.backends import Backend, BackendError, Request, Result, make_backend
 from dbr_builder.backends.base import _coerce
-from dbr_builder.config import validate_options
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core.fsutil import write_json_atomic
 from dbr_builder.core.imageprep import parallel_map, prefetch, prepare_content
 from dbr_builder.core.manifest import image_path, load_manifest
@@ -35,25 +42,7 @@ from dbr_builder.errors import ConfigError, UserError
 
 PER_DATASET = True
 
-DEFAULTS: dict[str, Any] = {
-    "prompt": "teacher",
-    "n": 4,
-    "max_new_tokens": 1024,
-    "temperature": 0.7,
-    "top_p": 1.0,
-    "seed": 0,
-    "batch_size": 64,
-    "passes": 2,
-    "shard": 0,
-    "num_shards": 1,
-    "max_pixels": None,
-    "prep_workers": None,
-    "teacher_options": {},
-    "domains": None,
-    "splits": None,
-    "limit": None,
-    "merge": False,
-}
+DEFAULTS: dict[str, Any] = schema_defaults("generate")  # defined once, in schemas/stages/generate.schema.json
 
 
 @dataclass
@@ -258,7 +247,7 @@ def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _full_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    out = resolve("generate", cfg)
     if not out.get("teacher") and not out.get("merge"):
         raise ConfigError("generate: set `teacher:` (e.g. vllm:Qwen/Qwen2.5-VL-7B-Instruct, openai:gpt-4o, "
                           "hf:<path>, oracle)")
@@ -287,7 +276,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         with Store(path) as st:
             summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
                                passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
-                               prep_workers=c.get("prep_workers"), progress=bool(c.get("progress", True)),
+                               prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
                                desc=f"generate {ds}" + (f" [{c['shard']}/{c['num_shards']}]" if c["num_shards"] > 1 else ""))
     finally:
         close = getattr(backend, "close", None)
@@ -329,7 +318,7 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
     with Store(shard_file(workdir, dataset)) as st:
         summary = run_jobs(st, backend, jobs, int(n), _sampling(c), batch_size=int(c["batch_size"]),
                            passes=int(c["passes"]), max_pixels=c.get("max_pixels"), prep_workers=c.get("prep_workers"),
-                           progress=bool(c.get("progress", True)), desc=f"{prompt_name} {dataset}")
+                           progress=bool(c["progress"]), desc=f"{prompt_name} {dataset}")
     return {"dataset": dataset, "prompt": prompt_name, **summary}
 
 
@@ -350,30 +339,17 @@ def _kv(text: str) -> tuple[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset name (its manifest W/manifest/<dataset>.parquet must exist)")
     p.add_argument("--workdir", "-w", required=True, help="work directory; writes W/generations/<dataset>/")
-    p.add_argument("--teacher", help="backend SPEC: vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, "
-                                     "oracle (SynthShapes); inline options after commas: hf:/m,adapter=/a")
-    p.add_argument("--teacher-option", "-O", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="backend option, repeatable (e.g. -O tensor_parallel_size=2 -O max_pixels=401408)")
-    p.add_argument("--prompt", default=DEFAULTS["prompt"], choices=["teacher", "rationalize"],
-                   help="prompt template (rationalize gives the true label as a hint; default teacher)")
-    p.add_argument("--n", type=int, default=DEFAULTS["n"], help="candidates per image (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default 1024")
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="default 0.7")
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="default 1.0")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling seed (part of the request key)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="requests per backend call and per store commit (default 64)")
-    p.add_argument("--passes", type=int, default=DEFAULTS["passes"],
-                   help="attempts per request within this run (default 2); a rerun retries the rest")
-    p.add_argument("--shard", type=int, default=0, help="this process's shard index I (0-based)")
-    p.add_argument("--num-shards", type=int, default=1, help="number of shards N (one per GPU / node / array task)")
-    p.add_argument("--domains", nargs="+", help="only these domains")
-    p.add_argument("--splits", nargs="+", choices=["in", "out"], help="only these DomainBed splits")
-    p.add_argument("--limit", type=int, help="only the first K images (after filters and sharding)")
-    p.add_argument("--max-pixels", type=int, help="resize images to at most this many pixels before the backend")
-    p.add_argument("--prep-workers", type=int, help="image preparation threads (default: usable cores)")
-    p.add_argument("--merge", action="store_true",
-                   help="merge the shard stores into results.sqlite (no generation unless --teacher is given)")
+    add_option(p, "generate", "teacher", metavar="SPEC")
+    add_option(p, "generate", "teacher_options", "--teacher-option", "-O", action="append", type=_kv,
+               metavar="KEY=VALUE", help="backend option, repeatable (e.g. -O tensor_parallel_size=2 -O max_pixels=401408)")
+    for key in ("prompt", "n", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "passes", "shard",
+                "num_shards"):
+        add_option(p, "generate", key)
+    add_option(p, "generate", "domains")
+    add_option(p, "generate", "splits")
+    for key in ("limit", "max_pixels", "prep_workers"):
+        add_option(p, "generate", key)
+    add_option(p, "generate", "merge", action="store_true")
     p.add_argument("--merge-from", nargs="+", default=[], metavar="PATH",
                    help="with --merge: also merge store files / folders copied from other nodes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -387,19 +363,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"merged {res['files']} store file(s) into {workdir / 'generations' / args.dataset}/results.sqlite "
                   f"({res['new_rows']} new rows)")
             return 0
-        cfg = {"dataset": args.dataset, "teacher": args.teacher, "teacher_options": dict(args.teacher_option),
-               "prompt": args.prompt, "n": args.n, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-               "batch_size": args.batch_size, "passes": args.passes, "shard": args.shard,
-               "num_shards": args.num_shards, "domains": args.domains, "splits": args.splits, "limit": args.limit,
-               "max_pixels": args.max_pixels, "prep_workers": args.prep_workers, "merge": args.merge,
-               "progress": not args.no_progress}
+        cfg = {"dataset": args.dataset, **options_from_args(args), "progress": not args.no_progress}
+        cfg["teacher_options"] = dict(cfg.get("teacher_options") or [])  # -O pairs -> the schema's mapping
         # Range-check numbers before any work (the pipeline path is checked when its YAML loads);
         # the teacher spec gets its own, clearer check from the backend factory.
-        flags = {k: "--" + k.replace("_", "-") for k in cfg} | {"teacher_options": "--teacher-option"}
-        validate_options({k: v for k, v in cfg.items() if k != "teacher"}, "generate", "command line", flags)
+        validate_options({k: v for k, v in cfg.items() if k != "teacher"}, "generate", "command line", flags_of(args))
         s = run(cfg, workdir)
-        if args.merge and args.num_shards == 1 and args.merge_from:
+        if args.merge and (args.num_shards or 1) == 1 and args.merge_from:
             merge_dataset(workdir, args.dataset, args.merge_from)
     except (BackendError, ValueError) as e:
         raise UserError(str(e)) from None

@@ -20,7 +20,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import validate_options
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from dbr_builder.core.manifest import (
     IMG_EXTENSIONS,
@@ -34,7 +41,8 @@ from dbr_builder.errors import UserError
 from dbr_builder.stages.download import dataset_folder
 
 PER_DATASET = True
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~0.25 GiB of RGBA)
+_D = schema_defaults("index")  # the option defaults, defined once in schemas/stages/index.schema.json
+DEFAULT_MAX_PIXELS: int = _D["max_pixels"]  # PIL's own bomb limit (~0.25 GiB of RGBA)
 
 
 class LayoutError(ValueError):
@@ -44,11 +52,7 @@ class LayoutError(ValueError):
 def dataset_dir(root: str | Path, dataset: str) -> Path:
     """Folder of ``dataset`` under ``root`` (registry folder name when the download stage knows it)."""
     root = Path(root)
-    names = [dataset]
-    try:
-        names.insert(0, dataset_folder(dataset))
-    except ImportError:
-        pass
+    names = [dataset_folder(dataset), dataset]
     for name in dict.fromkeys(names):
         if (root / name).is_dir():
             return root / name
@@ -127,7 +131,7 @@ def check_image(args: tuple[str, int]) -> tuple[str | None, int, int, str | None
     return sha, w, h, None
 
 
-def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_fraction: float = 0.2,
+def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_fraction: float = schema_defaults("index")["holdout_fraction"],
                    max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
                    progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Scan, verify and split a dataset folder: (rows, quarantined, meta)."""
@@ -188,8 +192,8 @@ def write_manifest(workdir: Path, dataset: str, rows: list[dict[str, Any]], quar
     return parquet
 
 
-def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_seed: int = 0,
-                  holdout_fraction: float = 0.2, max_pixels: int = DEFAULT_MAX_PIXELS,
+def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_seed: int = _D["trial_seed"],
+                  holdout_fraction: float = _D["holdout_fraction"], max_pixels: int = DEFAULT_MAX_PIXELS,
                   workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Index one dataset; return its meta (counts, quarantined)."""
     if not 0.0 <= holdout_fraction < 1.0:
@@ -206,9 +210,8 @@ def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_see
 # --- stage protocol -------------------------------------------------------------------------
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    meta = index_dataset(cfg["root"], cfg["dataset"], workdir, int(cfg.get("trial_seed", 0)),
-                         float(cfg.get("holdout_fraction", 0.2)), int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                         cfg.get("workers"))
+    o = resolve("index", cfg)
+    meta = index_dataset(o.root, o.dataset, workdir, o.trial_seed, o.holdout_fraction, o.max_pixels, o.workers)
     return {"images": meta["images"], "quarantined": meta["quarantined"]}
 
 
@@ -227,20 +230,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset name, e.g. PACS or SynthShapes")
     p.add_argument("--root", required=True, help="data root holding ROOT/<dataset>/<domain>/<class>/<image>")
     p.add_argument("--workdir", "-w", required=True, help="work directory; writes W/manifest/<dataset>.parquet")
-    p.add_argument("--trial-seed", type=int, default=0, help="DomainBed trial seed for the in/out split (default 0)")
-    p.add_argument("--holdout-fraction", type=float, default=0.2, help="fraction of each domain in `out` (default 0.2)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"larger images are quarantined as decompression bombs (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
+    for key in ("trial_seed", "holdout_fraction", "max_pixels", "workers"):
+        add_option(p, "index", key)
 
 
 def main(args: argparse.Namespace) -> int:
-    opts = {"trial_seed": args.trial_seed, "holdout_fraction": args.holdout_fraction, "max_pixels": args.max_pixels,
-            "workers": args.workers}
-    validate_options(opts, "index", "command line", {k: "--" + k.replace("_", "-") for k in opts})
+    opts = options_from_args(args)
+    validate_options(opts, "index", "command line", flags_of(args))
+    o = resolve("index", opts)
     try:
-        meta = index_dataset(args.root, args.dataset, args.workdir, args.trial_seed, args.holdout_fraction,
-                             args.max_pixels, args.workers)
+        meta = index_dataset(args.root, args.dataset, args.workdir, o.trial_seed, o.holdout_fraction,
+                             o.max_pixels, o.workers)
     except (LayoutError, ValueError) as e:
         raise UserError(str(e)) from None
     parquet, _, q_path = manifest_paths(args.workdir, args.dataset)

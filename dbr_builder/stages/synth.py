@@ -20,6 +20,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
@@ -32,7 +40,6 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     STYLES,
     load_scenes,
 )
-from dbr_builder.errors import UserError
 
 
 def _rng(*key: Any) -> random.Random:
@@ -155,7 +162,11 @@ def make_scene(seed: int, domain: str, class_name: str, index: int) -> dict[str,
     }
 
 
-def write_synthshapes(root: str | Path, seed: int = 0, per_class: int = 30, image_size: int = 128,
+_D = schema_defaults("synth")  # the option defaults, defined once in schemas/stages/synth.schema.json
+
+
+def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int = _D["per_class"],
+                      image_size: int = _D["image_size"],
                       force: bool = False, progress: bool = False) -> Path:
     """Write ``ROOT/SynthShapes`` (idempotent: an identical existing tree is kept as is).
 
@@ -196,8 +207,8 @@ PER_DATASET = False
 
 
 def _params(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"seed": int(cfg.get("seed", 0)), "per_class": int(cfg.get("per_class", 30)),
-            "image_size": int(cfg.get("image_size", 128))}
+    o = resolve("synth", cfg)
+    return {"seed": o.seed, "per_class": o.per_class, "image_size": o.image_size}
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -213,16 +224,16 @@ def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="data root; writes ROOT/SynthShapes/<domain>/<class>/<image>")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--per-class", type=int, default=30, help="images per class and domain (default 30)")
-    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    for key in ("seed", "per_class", "image_size"):
+        add_option(p, "synth", key)
     p.add_argument("--force", action="store_true", help="rewrite even if an identical tree exists")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.per_class < 1 or args.image_size < 32:
-        raise UserError("--per-class must be >= 1 and --image-size >= 32")
-    dest = write_synthshapes(args.root, args.seed, args.per_class, args.image_size, force=args.force, progress=True)
-    n = args.per_class * len(CLASSES) * len(DOMAINS)
-    print(f"SynthShapes: {n} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {args.per_class}) in {dest}")
+    opts = options_from_args(args)
+    validate_options(opts, "synth", "command line", flags_of(args))
+    p = _params(opts)
+    dest = write_synthshapes(args.root, **p, force=args.force, progress=True)
+    n = p["per_class"] * len(CLASSES) * len(DOMAINS)
+    print(f"SynthShapes: {n} images ({len(DOMAINS)} domains x {len(CLASSES)} classes x {p['per_class']}) in {dest}")
     return 0

@@ -46,7 +46,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbr_builder.backends import BackendError, parse_spec
-from dbr_builder.config import load_schema, load_stage_config, stage_schema, validate
+from dbr_builder.config import (
+    add_option,
+    load_schema,
+    load_stage_config,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    stage_schema,
+    validate,
+)
 from dbr_builder.core.answers import matcher, synonyms_for
 from dbr_builder.core.chains import FIELDS, parse_chains_frame
 from dbr_builder.core.fsutil import atomic_path
@@ -68,12 +77,8 @@ RULE_REASONS = (
     "missing_stage", "out_of_order", "empty_stage", "no_class", "ambiguous_class", "wrong_label",
     "too_short", "too_long", "repetition", "hint_leak", "template_collapse",
 )
-# Length bounds per stage in approximate tokens (chars / 4): wide enough for GPT-4o-class
-# teachers, tight enough to drop one-line "reasoning" and runaway outputs.
-DEFAULT_LENGTH: dict[str, tuple[int, int]] = {
-    "summary": (4, 200), "caption": (6, 400), "reasoning": (15, 1000), "reflection": (4, 400), "conclusion": (1, 30),
-}
-CHARS_PER_TOKEN = 4
+_D = schema_defaults("filter")  # every rule's default, defined once in schemas/stages/filter.schema.json
+DEFAULT_LENGTH: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in _D["length"].items()}
 _NORM = r"[^0-9a-z]+"
 _HINT_PATTERN = r"(?i)\bhint\b|correct class is"
 
@@ -83,43 +88,41 @@ class Rules:
     """Configurable filter rules (the ``filter`` stage's YAML options)."""
 
     length: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_LENGTH))
-    max_repeat_fraction: float | None = 0.3  # share of repeated sentences (None: off)
-    min_sentences_for_repeat: int = 4
-    template_max_images: int | None = 5  # None: off
-    truncate_on_length: bool = True
+    max_repeat_fraction: float | None = _D["repetition"]["max_repeat_fraction"]  # None: off
+    min_sentences_for_repeat: int = _D["repetition"]["min_sentences"]
+    template_max_images: int | None = _D["template_collapse"]["max_images"]  # None: off
+    truncate_on_length: bool = _D["truncate_on_length"]
     synonyms: dict[str, list[str]] = field(default_factory=dict)
-    select: str = "first"
-    models: list[str] | None = None  # only candidates of these teacher models (None: all)
-    use_hinted: bool = False  # consider rationalization candidates
+    select: str = _D["select"]
+    models: list[str] | None = _D["models"]  # only candidates of these teacher models (None: all)
+    use_hinted: bool = _D["rationalize"]["enabled"]  # consider rationalization candidates
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any], dataset: str | None = None,
                  classes: list[str] | None = None) -> Rules:
         """Build rules from a filter stage config (see ``schemas/stages/filter.schema.json``)."""
+        o = resolve("filter", cfg)
         length = dict(DEFAULT_LENGTH)
-        for k, v in (cfg.get("length") or {}).items():
+        for k, v in (cfg.get("length") or {}).items():  # only the stages the config names
             if k not in DEFAULT_LENGTH:
                 raise ConfigError(f"filter.length.{k}: unknown stage; use one of {', '.join(DEFAULT_LENGTH)}")
             lo, hi = int(v[0]), int(v[1])
             if lo > hi:
                 raise ConfigError(f"filter.length.{k}: min {lo} is larger than max {hi}")
             length[k] = (lo, hi)
-        rep = cfg.get("repetition", {}) or {}
-        tc = cfg.get("template_collapse", {}) or {}
-        select = cfg.get("select", "first")
-        if select not in SELECT_POLICIES:
-            raise ConfigError(f"filter.select: {select!r} is not one of {', '.join(SELECT_POLICIES)}")
-        syn = synonyms_for(dataset, cfg.get("synonyms") or {}, classes)
+        rep, tc = o.repetition, o.template_collapse
+        if o.select not in SELECT_POLICIES:
+            raise ConfigError(f"filter.select: {o.select!r} is not one of {', '.join(SELECT_POLICIES)}")
         return cls(
             length=length,
-            max_repeat_fraction=rep.get("max_repeat_fraction", 0.3) if rep.get("enabled", True) else None,
-            min_sentences_for_repeat=int(rep.get("min_sentences", 4)),
-            template_max_images=tc.get("max_images", 5) if tc.get("enabled", True) else None,
-            truncate_on_length=bool(cfg.get("truncate_on_length", True)),
-            synonyms=syn,
-            select=select,
-            models=cfg.get("models"),
-            use_hinted=bool((cfg.get("rationalize") or {}).get("enabled", False)),
+            max_repeat_fraction=rep["max_repeat_fraction"] if rep["enabled"] else None,
+            min_sentences_for_repeat=int(rep["min_sentences"]),
+            template_max_images=tc["max_images"] if tc["enabled"] else None,
+            truncate_on_length=bool(o.truncate_on_length),
+            synonyms=synonyms_for(dataset, o.synonyms, classes),
+            select=o.select,
+            models=o.models,
+            use_hinted=bool(o.rationalize["enabled"]),
         )
 
 
@@ -364,8 +367,8 @@ def write_parquet_atomic(df: pl.DataFrame, dest: Path) -> None:
 
 def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: list[str]) -> int:
     """Ask the teacher for hinted chains for ``image_ids``; return how many images were sent."""
-    rcfg = cfg.get("rationalize") or {}
-    teacher = rcfg.get("teacher") or cfg.get("teacher")
+    rcfg = resolve("filter", cfg).rationalize
+    teacher = rcfg["teacher"] or cfg.get("teacher")
     if not teacher:
         raise ConfigError(f"filter ({dataset}): rationalize.enabled needs rationalize.teacher (a backend SPEC)")
     if isinstance(teacher, str):  # a typo in the spec fails now, not only on a run that needs the teacher
@@ -378,7 +381,7 @@ def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: li
         return 0
 
     options = {k: v for k, v in rcfg.items() if k not in ("enabled", "teacher", "n")}
-    generate_for_images(workdir, dataset, image_ids, teacher, int(rcfg.get("n", 2)),
+    generate_for_images(workdir, dataset, image_ids, teacher, int(rcfg["n"]),
                         prompt_name="rationalize", **options)
     return len(image_ids)
 
@@ -405,7 +408,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         missing = manifest.with_row_index("_row").filter(~pl.col("_row").is_in(covered.implode()))
         # Images whose hinted candidates are all stored already were tried: asking again would
         # only touch the store (and make `dbr run` think the generate stage changed).
-        n_hint = int((cfg.get("rationalize") or {}).get("n", 2))
+        n_hint = int(resolve("filter", cfg).rationalize["n"])
         tried = (candidates.filter((pl.col("prompt_name") == "rationalize") & pl.col("error").is_null())
                  .group_by("image_id").len().filter(pl.col("len") >= n_hint).get_column("image_id"))
         ids = sorted(set(missing.get_column("image_id").to_list()) - set(tried.to_list()))
@@ -452,12 +455,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset name, e.g. PACS or SynthShapes")
     p.add_argument("--workdir", "-w", required=True, help="work directory (reads manifest/ and generations/)")
     p.add_argument("--config", help="pipeline YAML (its `filter` entry) or a YAML mapping of filter options")
-    p.add_argument("--select", choices=SELECT_POLICIES, help="selection policy (default: first)")
-    p.add_argument("--rationalize", metavar="SPEC",
-                   help="teacher backend for a hinted rationalization round on images with no accepted chain")
-    p.add_argument("--rationalize-n", type=int, default=2, help="hinted candidates per image (default 2)")
-    p.add_argument("--max-template-images", type=int,
-                   help="reject a chain body accepted for more than this many images (default 5)")
+    add_option(p, "filter", "select")
+    add_option(p, "filter", "rationalize.teacher", "--rationalize", metavar="SPEC",
+               help="teacher backend for a hinted rationalization round on images with no accepted chain")
+    add_option(p, "filter", "rationalize.n", "--rationalize-n")
+    add_option(p, "filter", "template_collapse.max_images", "--max-template-images")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -466,13 +468,11 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cfg = {k: v for k, v in cfg.items() if k not in ("datasets", "stages", "workdir")}
     cfg["stage"] = "filter"
     cfg["dataset"] = args.dataset
-    if args.select:
-        cfg["select"] = args.select
-    if args.rationalize:
-        cfg["rationalize"] = {**(cfg.get("rationalize") or {}), "enabled": True, "teacher": args.rationalize,
-                              "n": args.rationalize_n}
-    if args.max_template_images is not None:
-        cfg["template_collapse"] = {"max_images": args.max_template_images}
+    given = options_from_args(args)
+    if given.get("rationalize", {}).get("teacher"):
+        given["rationalize"]["enabled"] = True  # naming a rationalization teacher turns the round on
+    for key, value in given.items():
+        cfg[key] = {**(cfg.get(key) or {}), **value} if isinstance(value, dict) else value
 
     schema = stage_schema("filter")
     if schema is not None:

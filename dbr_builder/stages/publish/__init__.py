@@ -15,13 +15,19 @@ beside the old one and swapped in by rename, so a crash never leaves a half-writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import validate_options
+from dbr_builder.config import (
+    add_option,
+    flags_of,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    validate_options,
+)
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, read_parquet, write_text_atomic
 from dbr_builder.core.manifest import image_path, load_manifest
@@ -32,7 +38,8 @@ from dbr_builder.stages.publish.card import features_for, render_card
 from dbr_builder.stages.publish.push import check_push, push_folder
 
 PER_DATASET = False
-DEFAULT_MAX_SHARD_MB = 500
+_D = schema_defaults("publish")  # the option defaults, defined once in schemas/stages/publish.schema.json
+DEFAULT_MAX_SHARD_MB: float = _D["max_shard_mb"]
 ROW_GROUP_ROWS = 100  # small row groups: images are large, readers stream them
 
 COLUMNS = ["image", "image_id", "dataset", "domain", "class_name", "label", "dg_split", "chain", "summary",
@@ -149,15 +156,14 @@ def hub_dir(cfg: dict[str, Any], workdir: Path) -> Path:
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Publish ``cfg["datasets"]`` into W/hub; push when ``cfg["push"]`` names a repo."""
     hub = hub_dir(cfg, workdir)
-    infos = publish(workdir, list(cfg.get("datasets") or []), hub, float(cfg.get("max_shard_mb",
-                                                                               DEFAULT_MAX_SHARD_MB)),
-                    card_extra={"pretty_name": cfg.get("pretty_name"), "repo_id": cfg.get("push")})
+    o = resolve("publish", cfg)
+    infos = publish(workdir, list(o.get("datasets") or []), hub, float(o.max_shard_mb),
+                    card_extra={"pretty_name": o.pretty_name, "repo_id": o.push})
     summary: dict[str, Any] = {
         ds: {s["split"]: s["num_examples"] for s in info["splits"]} for ds, info in infos.items()
     }
-    if cfg.get("push"):
-        res = push_folder(hub, cfg["push"], private=bool(cfg.get("private", False)),
-                          dry_run=bool(cfg.get("dry_run", False)))
+    if o.push:
+        res = push_folder(hub, o.push, private=o.private, dry_run=o.dry_run)
         summary["_push"] = {k: res[k] for k in ("repo_id", "files", "dry_run")}
     return summary
 
@@ -170,46 +176,45 @@ def outputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", "-w", required=True, help="work directory (reads chains/, manifest/, reports/)")
-    p.add_argument("--datasets", nargs="+", metavar="DATASET",
-                   help="datasets to publish (default: every W/chains/<Dataset>.parquet)")
-    p.add_argument("--out", help="output folder (default W/hub)")
-    p.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_MB,
-                   help=f"upper bound on a parquet shard's payload in MB (default {DEFAULT_MAX_SHARD_MB})")
-    p.add_argument("--pretty-name", help="dataset card title (default DomainBed-Reasoning)")
-    p.add_argument("--push", metavar="REPO_ID", help="also upload to this Hub dataset repo (token from HF_TOKEN)")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    p.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
+    add_option(p, "publish", "datasets", metavar="DATASET",
+               help="datasets to publish (default: every W/chains/<Dataset>.parquet)")
+    add_option(p, "publish", "out")
+    add_option(p, "publish", "max_shard_mb")
+    add_option(p, "publish", "pretty_name")
+    add_option(p, "publish", "push", metavar="REPO_ID")
+    add_option(p, "publish", "private", action="store_true")
+    add_option(p, "publish", "dry_run", action="store_true")
     p.add_argument("--no-write", action="store_true", help="push an existing W/hub as is, without rewriting it")
 
 
 def main(args: argparse.Namespace) -> int:
     wd = Path(args.workdir)
-    cfg: dict[str, Any] = {"out": args.out, "max_shard_mb": args.max_shard_mb, "pretty_name": args.pretty_name,
-                           "push": args.push}
+    given = options_from_args(args)
     # Everything that can be checked is checked before W/hub is rewritten.
-    validate_options({k: v for k, v in cfg.items() if k != "push"},  # check_push words --push errors better
-                     "publish", "command line", {"max_shard_mb": "--max-shard-mb", "out": "--out"})
-    if args.push:
-        check_push(args.push, dry_run=args.dry_run)
-    elif args.dry_run or args.private:
+    validate_options({k: v for k, v in given.items() if k != "push"},  # check_push words --push errors better
+                     "publish", "command line", flags_of(args))
+    cfg = resolve("publish", given)
+    if cfg.push:
+        check_push(cfg.push, dry_run=cfg.dry_run)
+    elif cfg.dry_run or cfg.private:
         raise UserError("--dry-run and --private only apply with --push REPO_ID")
     hub = hub_dir(cfg, wd)
     if not args.no_write:
-        datasets = args.datasets or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
+        datasets = cfg.get("datasets") or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
                                            if not p.name.endswith(".rejects.parquet"))
         if not datasets:
             raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")
         try:
-            infos = publish(wd, datasets, hub, args.max_shard_mb,
-                            card_extra={"pretty_name": args.pretty_name, "repo_id": args.push})
+            infos = publish(wd, datasets, hub, cfg.max_shard_mb,
+                            card_extra={"pretty_name": cfg.pretty_name, "repo_id": cfg.push})
         except ValueError as e:
             raise UserError(str(e)) from None
         for ds, info in infos.items():
             print(f"{ds}: " + ", ".join(f"{s['split']} {s['num_examples']}" for s in info["splits"]))
         print(f"published -> {hub}  (load: datasets.load_dataset({str(hub)!r}, {datasets[0]!r}, "
               f"split={infos[datasets[0]]['splits'][0]['split']!r}))")
-    if args.push:
-        push_folder(hub, args.push, private=args.private, dry_run=args.dry_run)
+    if cfg.push:
+        push_folder(hub, cfg.push, private=cfg.private, dry_run=cfg.dry_run)
     return 0
 
 
@@ -221,8 +226,3 @@ def load_card_yaml(hub: str | Path) -> dict[str, Any]:
     if not text.startswith("---\n"):
         raise ValueError(f"{hub}/README.md: no YAML header")
     return yaml.safe_load(text.split("---\n", 2)[1])
-
-
-def dump_json(obj: Any) -> str:
-    """Compact deterministic JSON (used in the card)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ": "))
