@@ -466,7 +466,10 @@ def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork
     state.wait_for_everyone()
 
     def gen(exs):
-        return sarr_mod.generate_with_backend(spec, exs, encoder, sc, gen_seed, work / "images", adapter=str(adapter))
+        # the backend encodes images as the student is trained (processor_kwargs)
+        extra = {"processor_kwargs": encoder.processor_kwargs} if encoder.processor_kwargs else {}
+        return sarr_mod.generate_with_backend(spec, exs, encoder, sc, gen_seed, work / "images", adapter=str(adapter),
+                                              **extra)
     return gen
 
 
