@@ -9,7 +9,7 @@ WORKDIR ?= work/domainbed
 DEMO_WORKDIR ?= work/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install install-vllm test test-fast demo build-dataset train eval bench lint clean
+.PHONY: help install install-vllm test test-fast test-vllm demo build-dataset train eval bench lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,18 @@ install-vllm: $(VENV)/.installed-vllm  ## also install the vLLM engine (GPU mach
 
 test: $(VENV)/.installed  ## run the test suite (offline, CPU; GPU tests skip without a GPU)
 	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# The contract test's own environment: the real vLLM 0.33.0 (its pip takes torch 2.14.0 with it),
+# never mixed into $(VENV); no GPU needed (see tests/contract/test_vllm_contract.py).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check vllm==0.33.0
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed  ## contract test against the real vLLM 0.33.0 (own venv .venv-vllm, CPU)
+	DBR_CONTRACT_OUT=work/vllm_contract.json $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -rs tests/contract $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed  ## the suite without tests marked slow
 	$(BIN)/pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from dbr_builder import __version__, pipeline
 from dbr_builder.errors import ConfigError, UserError, describe_os_error
+from dbr_builder.log import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `dbr VERB --help` for a verb's options. Docs: README.md",
     )
     parser.add_argument("--version", action="version", version=f"dbr-builder {__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also debug messages")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, mod in pipeline.STAGES.items():
         help_ = pipeline.HELP[verb]
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dbr`` console script."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args._main(args) or 0)
     except (ConfigError, UserError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,7 @@ from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.errors import ConfigError
+from dbr_builder.log import get_logger
 from dbr_builder.stages import download, filter, generate, index, publish, synth
 from dbr_builder.stages import evaluate as evaluate_stage
 from trainers import train
@@ -46,6 +48,8 @@ HELP: dict[str, str] = {
     "train": "fine-tune a student with MTCT + SARR, leave-one-domain-out",
     "eval": "evaluate held-out-domain accuracy and write result tables",
 }
+
+logger = get_logger(__name__)
 
 
 def load_stage(stage: str) -> ModuleType:
@@ -122,9 +126,10 @@ def run_pipeline(
     start: str | None = None,
     until: str | None = None,
     force: bool = False,
-    log=print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run a pipeline config; return ``{unit label: "ran" | "skipped" | "not selected"}``."""
+    log = log or logger.info
     pipe = load_pipeline(path)
     wd = Path(workdir or pipe.get("workdir") or "work")
     wd.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ import yaml
 from dbr_builder.pipeline import run_pipeline
 from dbr_builder.resources import resource_path
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-fast` skips it
+
 
 def _small_demo(tmp_path: Path) -> Path:
     """pipelines/demo.yaml with fewer images and training steps; every other setting as shipped."""

@@ -46,6 +46,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+@pytest.mark.slow
 def test_tiny_student_and_baseline_all_modes(workdir: Path, student: Path, tiny_model_path: Path) -> None:
     cfg = {
         "stage": "eval", "run": "tiny", "datasets": ["SynthShapes"], "heldout_domains": ["photo"],

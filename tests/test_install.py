@@ -8,7 +8,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # builds and installs a wheel: `make test-fast` skips it
 
 
 def test_wheel_ships_data_files(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lower number = lower layer
 LAYERS: list[tuple[str, int]] = [
     ("dbr_builder.errors", 0),
+    ("dbr_builder.log", 0),
     ("dbr_builder.resources", 0),
     ("dbr_builder.config", 0),
     ("dbr_builder.core", 1),
@@ -116,3 +117,22 @@ def test_user_error_lives_outside_the_cli() -> None:
 
     assert errors.UserError.__module__ == "dbr_builder.errors"
     assert "class UserError" not in (ROOT / "dbr_builder" / "cli.py").read_text()
+
+
+def test_no_hidden_function_local_imports_of_own_modules() -> None:
+    """Own modules are imported at the top, where a reader sees them; the only exception is a module
+    that pulls torch (imported where used, marked `# pulls torch`, so that `dbr --help` stays fast)."""
+    hidden = []
+    for name, path in modules().items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                mod = node.module if isinstance(node, ast.ImportFrom) else (
+                    node.names[0].name if isinstance(node, ast.Import) else None)
+                if mod and mod.split(".")[0] in ("dbr_builder", "trainers") and \
+                        "pulls torch" not in lines[node.lineno - 1]:
+                    hidden.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not hidden, "function-local imports of the project's own modules:\n" + "\n".join(hidden)

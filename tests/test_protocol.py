@@ -5,7 +5,6 @@ and processor settings that travel with the student."""
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -113,9 +112,11 @@ def test_students_are_evaluated_with_their_trained_processor_settings(tmp_path: 
     assert {j.mode for j in jobs} == {"scored", "direct", "reasoning"}
     assert all(json.loads(j.options) == {"dtype": "float32", "processor_kwargs": {"crop_to_patches": False}}
                for j in jobs)
-    args = Namespace(config=None, adapter=str(final), model=None, name=None, mode=None, shots=None, dataset=None,
-                     heldout=None, trial_seed=None, run=None, limit=None, batch_size=None, max_new_tokens=None)
-    cfg = evaluate.config_from_args(args)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    cfg = evaluate.config_from_args(parser.parse_args(["--adapter", str(final)]))
     assert cfg["models"][0]["options"] == {"processor_kwargs": {"crop_to_patches": False}}
 
 

@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-fast` skips it
+
 
 def write_hub(rows: list[dict], hub: Path, dataset: str) -> None:
     """The publish layout (docs/ARCHITECTURE.md): README.md with `configs:` + one parquet per domain."""

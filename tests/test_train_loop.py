@@ -36,6 +36,7 @@ def _encoder(processor, examples):
     return SampleEncoder(processor, sorted({e.class_name for e in examples} | {"hexagon", "star"}))
 
 
+@pytest.mark.slow
 def test_only_lora_parameters_change(tiny_model_path, examples, tmp_path):
     from trainers.loop import train_stage
 
@@ -57,6 +58,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_from_checkpoint(tiny_model_path, examples, tmp_path):
     """Kill after step 3 (last checkpoint at step 2): the rerun continues at step 2 and ends exactly
     where an uninterrupted run ends (data order, optimizer, scheduler and RNG all restored)."""
@@ -92,6 +94,7 @@ def test_killed_stage_resumes_from_checkpoint(tiny_model_path, examples, tmp_pat
         torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_swap_survives_a_crash_between_renames(tiny_model_path, examples, tmp_path):
     """If only the previous checkpoint (moved aside) exists, it is the one that is loaded."""
     import os

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from dbr_builder.log import show_progress
 from trainers.data import KIND_CLS, Example, SampleEncoder, collate, load_image, pad_token_id
 from trainers.loss import answer_nll
 
@@ -39,7 +40,8 @@ def class_scores(
     was_training = model.training
     model.eval()
     try:
-        for lo in tqdm(range(0, len(examples), per_image), desc="select", unit="batch", leave=False):
+        for lo in tqdm(range(0, len(examples), per_image), desc="select", unit="batch", leave=False,
+                       disable=not show_progress()):
             chunk = examples[lo : lo + per_image]
             groups = []
             for ex in chunk:

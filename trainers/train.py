@@ -15,10 +15,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.config import load_stage_config, validate_options
+from dbr_builder.backends import check_sampling
+from dbr_builder.config import (
+    Options,
+    add_option,
+    flags_of,
+    load_stage_config,
+    options_from_args,
+    resolve,
+    validate_options,
+)
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import get_logger
 from trainers import sarr as sarr_mod
 from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
@@ -27,43 +37,14 @@ from trainers.tiny_model import build_tiny_model
 PER_DATASET = False
 STAGE = "train"
 
-DEFAULTS: dict[str, Any] = {
-    "run": "mtct_sarr",
-    "data": None,  # default <workdir>/hub; or a Hub dataset id
-    "heldout": None,  # None = every domain in turn (LODO)
-    "trial_seeds": [0],
-    "student": "OpenGVLab/InternVL3-8B-hf",
-    "processor_kwargs": {},
-    "max_length": 4096,
-    "finetune": "lora",  # lora | full
-    "lora": {},
-    "optim": {},
-    "batch_size": 128,
-    "micro_batch_size": 4,
-    "epochs": 3,
-    "max_steps": None,
-    "tasks": ["cls", "reason"],
-    "precision": "auto",
-    "gradient_checkpointing": "auto",
-    "checkpoint_every": 50,
-    "num_workers": 0,
-    "sarr": {},
-    "select": {},
-    "max_train_images": None,
-    "max_truncated_fraction": 0.05,  # refuse a stage when more answers than this are cut by max_length
-    "resplit": True,  # DomainBed: each trial seed draws its own in/out split (from W/manifest)
-    "resume": True,
-}
-LORA_DEFAULTS: dict[str, Any] = {
-    "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", "vision": True, "modules_to_save": None,
-}
 VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|connector|mlp1).*"
 
+logger = get_logger(__name__)
 
-def _cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("heldout", "max_steps", "max_truncated_fraction")}}
-    out["lora"] = {**LORA_DEFAULTS, **(cfg.get("lora") or {})}
-    return out
+
+def _cfg(cfg: dict[str, Any]) -> Options:
+    """The train options with the schema's defaults (schemas/stages/train.schema.json) filled in."""
+    return resolve(STAGE, cfg)
 
 
 def _datasets(cfg: dict[str, Any]) -> list[str]:
@@ -192,7 +173,7 @@ def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
     conf = LoraConfig(
         r=int(lc["r"]), lora_alpha=int(lc["alpha"]), lora_dropout=float(lc["dropout"]),
         target_modules=lc["target_modules"], exclude_modules=None if lc["vision"] else VISION_MODULES,
-        modules_to_save=lc.get("modules_to_save") or None, bias="none",
+        modules_to_save=lc["modules_to_save"] or None, bias="none",
     )
     model = get_peft_model(model, conf)
     for p in model.parameters():
@@ -233,22 +214,25 @@ def load_stage_weights(stage_dir: Path, model: Any, full: bool) -> None:
 
 def _loop_config(c: dict[str, Any], seed: int):
     from trainers.loop import LoopConfig  # pulls torch: keep `dbr --help` fast
-    o = c.get("optim") or {}
+    o = c["optim"]
     return LoopConfig(
-        lr=float(o.get("lr", 5e-4)), weight_decay=float(o.get("weight_decay", 0.0)),
-        betas=tuple(o.get("betas", (0.9, 0.999))), scheduler=o.get("scheduler", "cosine"),
-        warmup_ratio=float(o.get("warmup_ratio", 0.03)), max_grad_norm=o.get("max_grad_norm", 1.0),
+        lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+        betas=tuple(o["betas"]), scheduler=o["scheduler"],
+        warmup_ratio=float(o["warmup_ratio"]), max_grad_norm=o["max_grad_norm"],
         batch_size=int(c["batch_size"]), micro_batch_size=int(c["micro_batch_size"]), epochs=float(c["epochs"]),
-        max_steps=c.get("max_steps"), seed=seed, precision=c["precision"],
+        max_steps=c["max_steps"], seed=seed, precision=c["precision"],
         gradient_checkpointing=c["gradient_checkpointing"], checkpoint_every=int(c["checkpoint_every"]),
-        num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o.get("fast_head", True)),
+        num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o["fast_head"]),
         max_truncated_fraction=(None if c.get("max_truncated_fraction") is None
                                 else float(c["max_truncated_fraction"])),
     )
 
 
 def _sarr_config(c: dict[str, Any]):
-    return SarrConfig(**(c.get("sarr") or {}))
+    sc = SarrConfig(**c["sarr"])
+    if sc.rounds:
+        check_sampling(sc.n, sc.temperature, sc.top_p, "train.sarr")
+    return sc
 
 
 def _subsample(examples: list, n: int | None, seed: int) -> list:
@@ -305,9 +289,10 @@ def check_run_settings(out: Path, c: dict[str, Any]) -> None:
 
 def train_one(
     c: dict[str, Any], workdir: Path, dataset: str, heldout: str, seed: int,
-    by_domain: dict[str, list], log: Any = print,
+    by_domain: dict[str, list], log: Any = None,
 ) -> dict[str, Any]:
     """MTCT, SARR rounds and model selection for one held-out domain and seed."""
+    log = log or logger.info
     import torch
     from accelerate import PartialState
 
@@ -334,9 +319,9 @@ def train_one(
 
     by_domain = resplit(by_domain, c, workdir, dataset, seed)
     train, val, train_domains = lodo_split(by_domain, heldout)
-    train = _subsample(train, c.get("max_train_images"), seed)
-    sel = c.get("select") or {}
-    val = _subsample(val, sel.get("max_images"), seed)
+    train = _subsample(train, c["max_train_images"], seed)
+    sel = c["select"]
+    val = _subsample(val, sel["max_images"], seed)
     classes = sorted({ex.class_name for exs in by_domain.values() for ex in exs})
     if "reason" in c["tasks"] and not any(ex.chain for ex in train):
         raise UserError(f"{dataset}: no training row has a `chain`; the reasoning task needs published chains")
@@ -346,11 +331,11 @@ def train_one(
     processor, model = load_student(student, c, state.device)
     full = c["finetune"] == "full"
     proc_kwargs = effective_processor_kwargs(processor, c["processor_kwargs"])
-    encoder = SampleEncoder(processor, classes, max_length=c.get("max_length"), processor_kwargs=proc_kwargs)
+    encoder = SampleEncoder(processor, classes, max_length=c["max_length"], processor_kwargs=proc_kwargs)
     lc = _loop_config(c, seed)
     sc = _sarr_config(c)
     init_state = trainable_state(model) if sc.init == "restart" and sc.rounds > 0 else None
-    seq_batch = int(sel.get("seq_batch", 32))
+    seq_batch = int(sel["seq_batch"])
     sel_mode = sel.get("mode", "scored")
     if sel_mode not in SELECT_MODES:
         raise ConfigError(f"train.select.mode={sel_mode!r}; expected one of {', '.join(SELECT_MODES)}")
@@ -459,17 +444,35 @@ def _generator(c, sc, model, encoder, student, out, gen_seed, state, work, swork
                 model, encoder, part, sc, gen_seed), swork / "gen")
         return gen
     # A backend spec: "vllm" / "hf" alone mean "this student with the current adapter".
-    spec = sc.generator if ":" in sc.generator else f"{sc.generator}:{student}"
-    adapter = swork / "adapter_for_generation"
+    full = c["finetune"] == "full"
+    snapshot = swork / ("model_for_generation" if full else "adapter_for_generation")
     if state.is_main_process:
-        model.save_pretrained(adapter)
+        model.save_pretrained(snapshot)
+        if full:  # a fully fine-tuned student is served as a model folder of its own
+            encoder.processor.save_pretrained(snapshot)
     state.wait_for_everyone()
+    kind, target = (sc.generator.split(":", 1) + [""])[:2] if ":" in sc.generator else (sc.generator, "")
+    spec = f"{kind}:{snapshot if full else (target or student)}"
+    extra = {} if full else {"adapter": str(snapshot)}
 
     def gen(exs):
-        # the backend encodes images as the student is trained (processor_kwargs)
-        extra = {"processor_kwargs": encoder.processor_kwargs} if encoder.processor_kwargs else {}
-        return sarr_mod.generate_with_backend(spec, exs, encoder, sc, gen_seed, work / "images", adapter=str(adapter),
-                                              **extra)
+        # Its own step: the student leaves the GPU, a child process per rank serves it on that
+        # rank's GPU and exits (engine closed), then the student comes back for training.
+        import torch
+
+        device = next(model.parameters()).device
+        on_gpu = device.type == "cuda"
+        if on_gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        try:
+            return _sharded(state, list(exs), lambda part: sarr_mod.generate_in_subprocess(
+                spec, part, encoder, sc, gen_seed, work / "images", swork / f"gen_rank{state.process_index}",
+                gpu=(device.index if device.index is not None else state.local_process_index) if on_gpu else None,
+                **extra), swork / "gen")
+        finally:
+            if on_gpu:
+                model.to(device)
     return gen
 
 
@@ -484,6 +487,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
     check_student(c["student"])
+    _sarr_config(c)  # sampling a backend would reject fails here, before any model loads
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)
@@ -505,30 +509,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="train config (pipelines/train_mtct_sarr.yaml, or a pipeline with a train stage)")
     p.add_argument("--workdir", "-w", default=None,
                    help="work directory W (default: the config's `workdir`, else work)")
-    p.add_argument("--dataset", help="dataset (config) to train on; default: the config's datasets")
-    p.add_argument("--heldout", help="held-out domain; default: every domain in turn (LODO)")
-    p.add_argument("--trial-seed", type=int, help="trial seed (run folder seed<k>); default: config's trial_seeds")
-    p.add_argument("--student", help="student model folder / Hub id, or `tiny`")
-    p.add_argument("--data", help="published dataset: a hub folder or a Hub dataset id (default W/hub)")
-    p.add_argument("--run", help="run name under W/runs/ (default: config's run)")
-    p.add_argument("--max-steps", type=int, help="cap optimizer steps per stage (smoke tests)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue an interrupted run from its last checkpoint (default: the config's `resume`, true)")
+    add_option(p, STAGE, "dataset", help="dataset (config) to train on; default: the config's datasets")
+    add_option(p, STAGE, "heldout", help="held-out domain; default: every domain in turn (LODO)")
+    add_option(p, STAGE, "trial_seeds", "--trial-seed", metavar="K")
+    for key in ("student", "data", "run", "max_steps", "resume"):
+        add_option(p, STAGE, key)
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_stage_config(args.config, STAGE) if args.config else {"stage": STAGE}
-    for key, val in (("dataset", args.dataset), ("heldout", args.heldout), ("student", args.student),
-                     ("data", args.data), ("run", args.run), ("max_steps", args.max_steps),
-                     ("resume", args.resume)):
-        if val is not None:
-            cfg[key] = val
-    if args.trial_seed is not None:
-        cfg["trial_seeds"] = [args.trial_seed]
+    given = options_from_args(args)
+    cfg.update(given)
     # The config file was checked when loaded; check the command-line overrides the same way.
-    validate_options(cfg, STAGE, "command line", {
-        "dataset": "--dataset", "heldout": "--heldout", "student": "--student", "data": "--data", "run": "--run",
-        "max_steps": "--max-steps", "resume": "--resume", "trial_seeds": "--trial-seed"})
+    validate_options(given, STAGE, "command line", flags_of(args))
     summary = run(cfg, Path(args.workdir or cfg.get("workdir") or "work"))
     print(json.dumps(summary, indent=2))
     return 0

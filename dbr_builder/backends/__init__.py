@@ -9,7 +9,10 @@
 - ``oracle``                             SynthShapes only: true chains from scene attributes
 
 Options may also be given inline after a comma: ``hf:/models/x,adapter=/runs/a,max_pixels=200704``.
-Backends never raise for a single bad request: they return a ``Result`` with ``error`` set.
+Options holding JSON (``engine_kwargs={"enforce_eager": true}``) may contain commas: a spec is
+split only on commas outside brackets. Backends never raise for a single bad request: they return
+a ``Result`` with ``error`` set; an engine that cannot start raises ``EngineStartError`` (fatal).
+Every backend has ``close()``; callers close a backend before the next one loads.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from dbr_builder.backends.base import (
     KINDS,
     Backend,
     BackendError,
+    EngineError,
+    EngineStartError,
     Request,
     Result,
+    TooManyErrors,
+    check_sampling,
     parse_spec,
     redact_spec,
 )
@@ -62,5 +69,5 @@ def check_options(spec: str, cls: type, options: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["BACKENDS", "KINDS", "Backend", "BackendError", "Request", "Result", "check_options", "make_backend",
-           "parse_spec", "redact_spec"]
+__all__ = ["BACKENDS", "KINDS", "Backend", "BackendError", "EngineError", "EngineStartError", "Request", "Result",
+           "TooManyErrors", "check_options", "check_sampling", "make_backend", "parse_spec", "redact_spec"]

@@ -15,7 +15,6 @@ such fallback is logged and counted in ``fallbacks``.
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from typing import Any
 from dbr_builder.backends.base import BackendError, Request, Result
 from dbr_builder.core import chat
 from dbr_builder.core.imageprep import load_image
+from dbr_builder.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _processor_kwargs(value: Any) -> dict[str, Any]:
@@ -272,6 +272,21 @@ class HFBackend:
             tgt = torch.tensor(a, device=logp.device)
             res.append(float(logp[r, n - 1:n - 1 + len(a)].gather(1, tgt[:, None]).sum()))
         return res
+    def close(self) -> None:
+        """Drop this backend's reference to the model and free cached GPU memory (safe to call twice).
+
+        A model wrapped with :meth:`from_loaded` stays alive for its owner; only this reference goes.
+        """
+        import gc
+        import sys
+
+        if getattr(self, "net", None) is None:
+            return
+        self.net = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _cause(e: Exception) -> str:

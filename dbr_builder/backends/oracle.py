@@ -161,3 +161,6 @@ class OracleBackend:
                 finishes.append(fin)
             out.append(Result(req.key, texts, sum(len(t.split()) for t in texts), finishes))
         return out
+
+    def close(self) -> None:
+        """Nothing to give back (no engine); part of the backend protocol."""

@@ -18,11 +18,12 @@ Model families differ in ways that break naive code (tests/test_families.py runs
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-log = logging.getLogger(__name__)
+from dbr_builder.log import get_logger
+
+log = get_logger(__name__)
 
 _SENTINEL = "QQANSWERSENTINELQQ"
 _PROBE_A, _PROBE_B = "QQPROBEAQQ", "QQPROBEBQQ"

@@ -14,14 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.config import load_schema
 from dbr_builder.core.fsutil import read_parquet
 from dbr_builder.errors import UserError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-MANIFEST_COLUMNS = ["image_id", "dataset", "domain", "domain_index", "class_name", "label", "path",
-                    "width", "height", "split"]
+# One manifest row is defined by schemas/manifest_row.schema.json (columns, types, ranges).
+ROW_SCHEMA: dict[str, Any] = load_schema("manifest_row.schema.json")
+MANIFEST_COLUMNS: list[str] = list(ROW_SCHEMA["properties"])
 
 
 def seed_hash(*args: Any) -> int:
@@ -80,6 +82,19 @@ def load_manifest(workdir: str | Path, dataset: str):
 def image_path(meta: dict[str, Any], rel_path: str) -> Path:
     """Absolute path of a manifest row's image."""
     return Path(meta["root"]) / rel_path
+
+
+def check_rows(rows: list[dict[str, Any]], sample: int = 1000) -> None:
+    """Validate an even sample of manifest rows against the row schema; raise ValueError naming the first bad one."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(ROW_SCHEMA)
+    step = max(1, len(rows) // sample)
+    for row in rows[::step]:
+        err = next(iter(validator.iter_errors(row)), None)
+        if err is not None:
+            where = ".".join(map(str, err.absolute_path)) or "<row>"
+            raise ValueError(f"manifest row {row.get('path')!r}: {where}: {err.message}")
 
 
 def _listing_key(cls: str, path: str) -> tuple[str, str, str]:

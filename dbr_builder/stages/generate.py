@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends import Backend, BackendError, Request, Result, make_backend
-from dbr_builder.backends.base import _coerce
+from dbr_builder.backends.base import TooManyErrors, _coerce, check_sampling
 from dbr_builder.config import (
     add_option,
     flags_of,
@@ -39,6 +39,7 @@ from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.prompts import fields, prompt_id, teacher_prompt
 from dbr_builder.core.store import Row, Store, merge_dataset, params_json, request_key, shard_file, store_dir
 from dbr_builder.errors import ConfigError, UserError
+from dbr_builder.log import show_progress
 
 PER_DATASET = True
 
@@ -82,19 +83,25 @@ def _split_tokens(total: int, texts: list[str]) -> list[int]:
 def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampling: dict[str, Any],
              batch_size: int = 64, passes: int = 2, max_pixels: int | None = None,
              prep_workers: int | None = None, progress: bool = True, desc: str = "generate",
-             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.25,
+             error_check_after: int = 64) -> dict[str, Any]:
     """Generate the missing candidates of ``jobs`` into ``store``; return a summary.
 
     ``sampling`` holds ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed``; with
     the backend's model name and the prompt id they make the request keys. A backend
     exception fails only its batch (recorded per request); ``passes`` bounds the retries
-    within this run, a rerun retries whatever is still missing.
+    within this run, a rerun retries whatever is still missing. A ``BackendError`` from the
+    backend (engine failed to start, engine died) is fatal and propagates. Once
+    ``error_check_after`` requests were sent, a share of failed requests above
+    ``max_error_share`` stops the run with :class:`TooManyErrors` (the batches already done,
+    errors included, are stored) instead of recording thousands of identical errors.
     """
     from tqdm import tqdm
 
 
     if n < 1:
         raise ValueError("n (candidates per image) must be >= 1")
+    check_sampling(n, float(sampling["temperature"]), float(sampling["top_p"]), desc)
     t0 = time.perf_counter()
     params = params_json(sampling)
     model = backend.model
@@ -131,9 +138,10 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
         return parallel_map(one, batch, prep_workers)
 
     stats = Counter()
+    fail_causes: Counter = Counter()
     last_errors: dict[str, str] = {}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, unit="img",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show_progress(progress), dynamic_ncols=True)
     try:
         for p in range(max(1, passes)):
             failed: list[tuple[Job, list[tuple[int, str]]]] = []
@@ -142,6 +150,8 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
                 reqs = [r for _, r, _ in prepared if r is not None]
                 try:
                     results = backend.generate(reqs) if reqs else []
+                except BackendError:
+                    raise  # the engine did not start or died: no later batch can succeed
                 except Exception as e:  # noqa: BLE001 - a backend crash fails this batch, not the run
                     results = [Result(r.key, [], 0, [], error=f"backend: {type(e).__name__}: {e}"[:500]) for r in reqs]
                 by_key = {r.key: r for r in results}
@@ -164,6 +174,9 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
                                             None, None, None, e))
                     stats["generated"] += ok_here
                     stats["out_tokens"] += sum(toks)
+                    if ok_here == 0:
+                        stats["failed_requests"] += 1
+                        fail_causes[_cause(rows[-1].error or "unknown")] += 1
                     if ok_here < len(miss):
                         bad = miss[ok_here:]
                         failed.append((job, bad))
@@ -177,6 +190,14 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
                     on_batch(len(rows))
                 el = time.perf_counter() - t0
                 bar.set_postfix(tok_s=f"{stats['out_tokens'] / el:.0f}", failed=len(failed), refresh=False)
+                sent, bad = stats["requests"], stats["failed_requests"]
+                if max_error_share is not None and sent >= max(1, error_check_after) and bad > max_error_share * sent:
+                    (cause, count), = fail_causes.most_common(1)
+                    example = next((e for e in last_errors.values() if _cause(e) == cause), cause)
+                    raise TooManyErrors(
+                        f"{desc}: {bad} of {sent} requests to {model} failed ({bad / sent:.0%} > max_error_share "
+                        f"{max_error_share:.0%}); most common cause {cause!r} ({count}x), e.g. {example[:200]!r}; "
+                        "stopped; fix the cause and rerun (finished candidates are kept)")
             stats["passes"] = p + 1
             pending = failed
             if not pending:
@@ -196,6 +217,7 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
         "out_tokens": stats["out_tokens"],
         "failed_images": len(pending),
         "failures_by_cause": dict(sorted(causes.items())),
+        "failed_requests": stats["failed_requests"],
         "wall_s": round(wall, 3),
         "candidates_per_s": round(stats["generated"] / wall, 1) if wall > 0 else None,
         "out_tokens_per_s": round(stats["out_tokens"] / wall, 1) if wall > 0 else None,
@@ -246,6 +268,19 @@ def _sampling(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")}
 
 
+def _error_limits(cfg: dict[str, Any]) -> dict[str, Any]:
+    share = cfg.get("max_error_share")
+    return {"max_error_share": None if share is None else float(share),
+            "error_check_after": int(cfg.get("error_check_after") or 64)}
+
+
+def close_backend(backend: Any) -> None:
+    """Give back what ``backend`` holds (engine, GPU memory, threads) before the next model loads."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
+
+
 def _full_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     out = resolve("generate", cfg)
     if not out.get("teacher") and not out.get("merge"):
@@ -253,6 +288,7 @@ def _full_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
                           "hf:<path>, oracle)")
     if "dataset" not in out:
         raise ConfigError("generate: `dataset` is not set")
+    check_sampling(int(out["n"]), float(out["temperature"]), float(out["top_p"]), "generate")
     return out
 
 
@@ -277,11 +313,10 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
             summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
                                passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
                                prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
-                               desc=f"generate {ds}" + (f" [{c['shard']}/{c['num_shards']}]" if c["num_shards"] > 1 else ""))
+                               desc=f"generate {ds}" + (f" [{c['shard']}/{c['num_shards']}]" if c["num_shards"] > 1 else ""),
+                               **_error_limits(c))
     finally:
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
+        close_backend(backend)
     summary = {"dataset": ds, "prompt": c["prompt"], "shard": c["shard"], "num_shards": c["num_shards"],
                "store": str(path), **summary}
     if c.get("merge") and int(c["num_shards"]) == 1:
@@ -296,7 +331,8 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
 
     ``teacher_spec`` is a spec string or an already built backend (to reuse a loaded model).
     ``opts``: ``teacher_options``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed``,
-    ``batch_size``, ``passes``, ``max_pixels``, ``prep_workers``, ``progress``. Results go to the
+    ``batch_size``, ``passes``, ``max_pixels``, ``prep_workers``, ``progress``, ``max_error_share``,
+    ``error_check_after``. A backend built from a spec is closed before returning. Results go to the
     dataset's unsharded store with ``prompt_name`` recorded (``"rationalize"`` = hinted).
     """
     import polars as pl
@@ -313,12 +349,18 @@ def generate_for_images(workdir: str | Path, dataset: str, image_ids: Sequence[s
         missing = sorted(set(wanted) - set(df["image_id"].to_list()))
         raise KeyError(f"{len(missing)} image id(s) not in the {dataset} manifest, e.g. {missing[:3]}")
     jobs = build_jobs(df, meta, prompt_name)
-    backend = (make_backend(teacher_spec, **(c.get("teacher_options") or {}))
-               if isinstance(teacher_spec, str) else teacher_spec)
-    with Store(shard_file(workdir, dataset)) as st:
-        summary = run_jobs(st, backend, jobs, int(n), _sampling(c), batch_size=int(c["batch_size"]),
-                           passes=int(c["passes"]), max_pixels=c.get("max_pixels"), prep_workers=c.get("prep_workers"),
-                           progress=bool(c["progress"]), desc=f"{prompt_name} {dataset}")
+    check_sampling(int(n), float(c["temperature"]), float(c["top_p"]), f"{prompt_name} {dataset}")
+    own = isinstance(teacher_spec, str)
+    backend = make_backend(teacher_spec, **(c.get("teacher_options") or {})) if own else teacher_spec
+    try:
+        with Store(shard_file(workdir, dataset)) as st:
+            summary = run_jobs(st, backend, jobs, int(n), _sampling(c), batch_size=int(c["batch_size"]),
+                               passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
+                               prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
+                               desc=f"{prompt_name} {dataset}", **_error_limits(c))
+    finally:
+        if own:  # a backend built here is closed here; one passed in belongs to the caller
+            close_backend(backend)
     return {"dataset": dataset, "prompt": prompt_name, **summary}
 
 
@@ -347,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add_option(p, "generate", key)
     add_option(p, "generate", "domains")
     add_option(p, "generate", "splits")
-    for key in ("limit", "max_pixels", "prep_workers"):
+    for key in ("limit", "max_pixels", "prep_workers", "max_error_share", "error_check_after"):
         add_option(p, "generate", key)
     add_option(p, "generate", "merge", action="store_true")
     p.add_argument("--merge-from", nargs="+", default=[], metavar="PATH",

@@ -32,12 +32,15 @@ from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_a
 from dbr_builder.core.manifest import (
     IMG_EXTENSIONS,
     MANIFEST_COLUMNS,
+    ROW_SCHEMA,
+    check_rows,
     find_classes,
     holdout_keys,
     list_images,
     manifest_paths,
 )
 from dbr_builder.errors import UserError
+from dbr_builder.log import show_progress
 from dbr_builder.stages.download import dataset_folder
 
 PER_DATASET = True
@@ -147,7 +150,7 @@ def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_frac
             items.append((env_i, dom, Path(dom, rel).as_posix(), cls, k in out_keys))
     jobs = [(str(ds_dir / rel), max_pixels) for _, _, rel, _, _ in items]
     workers = workers or min(8, os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=f"index {dataset}", unit="img", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"index {dataset}", unit="img", disable=not show_progress(progress))
     if workers > 1 and len(jobs) > 256:
         with ProcessPoolExecutor(workers) as ex:
             checked = []
@@ -181,9 +184,9 @@ def write_manifest(workdir: Path, dataset: str, rows: list[dict[str, Any]], quar
     import polars as pl
 
     parquet, meta_path, q_path = manifest_paths(workdir, dataset)
-    schema = {"image_id": pl.String, "dataset": pl.String, "domain": pl.String, "domain_index": pl.Int32,
-              "class_name": pl.String, "label": pl.Int32, "path": pl.String, "width": pl.Int32,
-              "height": pl.Int32, "split": pl.String}
+    check_rows(rows)
+    schema = {c: pl.Int32 if ROW_SCHEMA["properties"][c].get("type") == "integer" else pl.String
+              for c in MANIFEST_COLUMNS}
     df = pl.DataFrame(rows, schema=schema).select(MANIFEST_COLUMNS)
     with atomic_path(parquet, ".parquet") as tmp:
         df.write_parquet(tmp, statistics=False)

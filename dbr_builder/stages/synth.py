@@ -40,6 +40,7 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     STYLES,
     load_scenes,
 )
+from dbr_builder.log import show_progress
 
 
 def _rng(*key: Any) -> random.Random:
@@ -186,7 +187,7 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
         jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
         from tqdm import tqdm
 
-        for domain, cls, i in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+        for domain, cls, i in tqdm(jobs, desc="synth", unit="img", disable=not show_progress(progress)):
             scene = make_scene(seed, domain, cls, i)
             rel = f"{domain}/{cls}/{cls}_{i:05d}.png"
             scene = {"path": rel, **scene}

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.config import add_option, flags_of, options_from_args, resolve, validate_options
 from dbr_builder.core.fsutil import swap_dir
 from dbr_builder.errors import UserError
-from dbr_builder.stages.download.extract import DEFAULT_MAX_EXTRACT_BYTES, Budget, CorruptArchive, parse_size
+from dbr_builder.log import get_logger
+from dbr_builder.stages.download.extract import Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
 from dbr_builder.stages.download.hub import MirrorError
 from dbr_builder.stages.download.layouts import LayoutError
@@ -43,6 +44,8 @@ __all__ = ["PER_DATASET", "add_arguments", "main", "run", "outputs", "inputs", "
 # the lock file, an unsafe archive, the size limit) stops the run so the user can look at it.
 _FALLBACK_ERRORS = (DownloadError, CorruptArchive, LayoutError, MirrorError)
 
+log = get_logger(__name__)
+
 
 def _root(cfg: dict[str, Any], workdir: Path) -> Path:
     return Path(cfg.get("root") or Path(workdir) / "raw")
@@ -62,8 +65,8 @@ def inputs(cfg: dict[str, Any], workdir: Path) -> list[Path]:
 
 
 def _options(cfg: dict[str, Any]) -> FetchOptions:
-    return FetchOptions(timeout=float(cfg.get("timeout", 10.0)), retries=int(cfg.get("retries", 3)),
-                        progress=True)
+    o = resolve("download", cfg)
+    return FetchOptions(timeout=float(o.timeout), retries=int(o.retries), progress=True)
 
 
 def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dict[str, Any]:
@@ -71,41 +74,40 @@ def _check(spec: DatasetSpec, dest: Path, strict: bool, duplicates: bool) -> dic
     counts, classes = count_tree(dest, list(spec.domains))
     table, problems = count_report(f"{spec.name} ({dest})", spec.domains, counts, classes, spec.classes,
                                    spec.num_classes)
-    print(table)
+    log.info(table)
     for p in problems:
-        print(f"warning: {spec.name} {p}", file=sys.stderr)
+        log.warning(f"{spec.name} {p}")
     if problems and strict:
         raise CountMismatch(f"{dest}: the tree does not match the registry ({'; '.join(problems)}); "
                             "rerun without --strict to accept it")
     dups: list[list[str]] = find_duplicates(dest) if duplicates else []
     if dups:
         extra = sum(len(g) - 1 for g in dups)
-        print(f"note: {spec.name}: {len(dups)} groups of byte-identical files ({extra} redundant), e.g. "
-              f"{dups[0][:2]}", file=sys.stderr)
+        log.warning(f"{spec.name}: {len(dups)} groups of byte-identical files ({extra} redundant), e.g. "
+                    f"{dups[0][:2]}")
     return {"counts": counts, "problems": problems, "duplicate_groups": len(dups),
             "duplicates": dups[:50]}
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Make ``ROOT/<folder>`` hold the dataset; no network work when it is already complete."""
+    cfg = resolve("download", cfg)
     spec = get_dataset(cfg["dataset"], cfg.get("registry"))
     root = _root(cfg, workdir)
     dest = root / spec.folder
-    strict = bool(cfg.get("strict", False))
-    force = bool(cfg.get("force", False))
-    dups = bool(cfg.get("check_duplicates", True))
+    strict, force, dups = bool(cfg.strict), bool(cfg.force), bool(cfg.check_duplicates)
     lock = Lock.load(root)
     rec = lock.data["datasets"].get(spec.name)
 
     if dest.exists() and not force:
         counts, _ = count_tree(dest, list(spec.domains))
         if rec and rec.get("complete") and rec.get("counts") == counts:
-            print(f"{spec.name}: {dest} is complete ({sum(counts.values())} images); nothing to do")
+            log.info(f"{spec.name}: {dest} is complete ({sum(counts.values())} images); nothing to do")
             return {"dataset": spec.name, "path": str(dest), "status": "up to date", "counts": counts,
                     "source": rec.get("source"), "bytes_downloaded": 0}
         if all(counts.get(d, 0) > 0 for d in spec.domains):
             # A tree the user already has (or one whose files changed): check it, no network.
-            print(f"{spec.name}: using the existing tree {dest}")
+            log.info(f"{spec.name}: using the existing tree {dest}")
             check = _check(spec, dest, strict, dups)
             _record(lock, spec, dest, "existing tree", check, [])
             return {"dataset": spec.name, "path": str(dest), "status": "present", "bytes_downloaded": 0,
@@ -114,7 +116,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise UserError(f"{dest} exists but is incomplete (no images for {', '.join(missing)}); "
                         "move it away or rerun with --force to rebuild it")
 
-    budget = Budget(parse_size(cfg.get("max_extract_bytes") or DEFAULT_MAX_EXTRACT_BYTES))
+    budget = Budget(parse_size(cfg.max_extract_bytes))
     opts = _options(cfg)
     if cfg.get("from"):
         attempts: list[Any] = ["--from"]
@@ -136,7 +138,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         new = staging / "out"  # becomes dest only once complete
         ctx = Context(spec, root, staging, lock, opts, budget)
         try:
-            print(f"{spec.name}: trying {label}" + (f" ({src.description})" if src != "--from" and src.description
+            log.info(f"{spec.name}: trying {label}" + (f" ({src.description})" if src != "--from" and src.description
                                                    else ""))
             if src == "--from":
                 used = build_from(ctx, cfg["from"], new)
@@ -152,7 +154,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
             _record(lock, spec, dest, used, check, ctx.artifacts)
             if cfg.get("delete_archives"):
                 shutil.rmtree(ctx.download_dir, ignore_errors=True)
-            print(f"{spec.name}: ready at {dest} (from {used}, {ctx.bytes_fetched} bytes downloaded, "
+            log.info(f"{spec.name}: ready at {dest} (from {used}, {ctx.bytes_fetched} bytes downloaded, "
                   f"{time.perf_counter() - t0:.1f}s)")
             return {"dataset": spec.name, "path": str(dest), "status": "built", "source": used,
                     "bytes_downloaded": ctx.bytes_fetched, "failed_sources": failures, **check}
@@ -161,9 +163,9 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 lock.save()  # keep the records of what was downloaded and verified
             msg = f"{label}: {e}"
             failures.append(msg)
-            print(f"{spec.name}: {msg}", file=sys.stderr)
+            log.warning(f"{spec.name}: {msg}")
             if src != attempts[-1]:
-                print(f"{spec.name}: trying the next source", file=sys.stderr)
+                log.warning(f"{spec.name}: trying the next source")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             try:
@@ -198,27 +200,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="registry name: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet")
     p.add_argument("--root", default="work/raw", help="data root; the dataset lands in ROOT/<DomainBed folder> "
                    "(default: work/raw)")
-    p.add_argument("--source", help="use only this registry source (e.g. domainbed, hf-flwrlabs, lila)")
-    p.add_argument("--from", dest="from_", metavar="PATH_OR_URL",
-                   help="a local archive, folder or parquet file, or a URL, instead of the registry sources")
-    p.add_argument("--strict", action="store_true", help="per-domain count mismatches are errors")
-    p.add_argument("--force", action="store_true", help="rebuild ROOT/<folder> even if it exists")
-    p.add_argument("--registry", help="dataset registry YAML (default: pipelines/datasets.yaml)")
-    p.add_argument("--max-extract-bytes", default=None,
-                   help=f"total extracted size limit, e.g. 300G (default {DEFAULT_MAX_EXTRACT_BYTES // 1024**3}G)")
-    p.add_argument("--timeout", type=float, default=10.0, help="HTTP connect/read timeout in seconds (default 10)")
-    p.add_argument("--retries", type=int, default=3, help="retries per file on transient errors (default 3)")
-    p.add_argument("--delete-archives", action="store_true", help="delete downloaded archives after the build")
-    p.add_argument("--no-duplicate-check", dest="check_duplicates", action="store_false",
-                   help="skip the exact-duplicate report (hashes files sharing a size)")
+    add_option(p, "download", "source")
+    add_option(p, "download", "from", "--from", metavar="PATH_OR_URL")
+    add_option(p, "download", "strict", action="store_true")
+    add_option(p, "download", "force", action="store_true")
+    for key in ("registry", "max_extract_bytes", "timeout", "retries"):
+        add_option(p, "download", key)
+    add_option(p, "download", "delete_archives", action="store_true")
+    add_option(p, "download", "check_duplicates", "--no-duplicate-check", action="store_false",
+               help="skip the exact-duplicate report (hashes files sharing a size)")
 
 
 def main(args: argparse.Namespace) -> int:
     """``dbr download DATASET --root ROOT ...``"""
-    cfg = {"dataset": args.dataset, "root": args.root, "source": args.source, "from": args.from_,
-           "strict": args.strict, "force": args.force, "registry": args.registry,
-           "max_extract_bytes": args.max_extract_bytes, "timeout": args.timeout, "retries": args.retries,
-           "delete_archives": args.delete_archives, "check_duplicates": args.check_duplicates}
-    cfg = {k: v for k, v in cfg.items() if v is not None}
+    cfg = {"dataset": args.dataset, "root": args.root, **options_from_args(args)}
+    validate_options(cfg, "download", "command line", flags_of(args))
     run(cfg, Path("work"))
     return 0

@@ -19,9 +19,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbr_builder.config import schema_defaults
 from dbr_builder.errors import UserError
 
-DEFAULT_MAX_EXTRACT_BYTES = 256 * 1024**3  # DomainNet unpacks to ~20 GB; the cap only stops bombs
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -62,6 +62,10 @@ class Budget:
                 f"(possible decompression bomb); raise it with --max-extract-bytes if the archive is genuine"
             )
 
+
+
+# The cap only stops bombs (DomainNet unpacks to ~20 GB); defined once, in the download schema.
+DEFAULT_MAX_EXTRACT_BYTES = parse_size(schema_defaults("download")["max_extract_bytes"])
 
 def archive_kind(path: Path) -> str | None:
     """``zip``, ``tar`` or None, from the file's magic bytes (not its name)."""

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from dbr_builder.log import get_logger
+
 USER_AGENT = "dbr-builder-download/0.1 (+https://github.com/dbr-builder)"
 CHUNK = 1 << 20
+
+log = get_logger(__name__)
 
 
 class DownloadError(Exception):
@@ -204,7 +208,7 @@ def fetch(url: str, dest: str | os.PathLike[str], opts: FetchOptions | None = No
             err = DownloadError(url, reason, True)
         attempt += 1
         delay = min(opts.max_backoff, opts.backoff * 2 ** (attempt - 1))
-        print(f"  retry {attempt}/{opts.retries} in {delay:.1f}s: {err.reason}", flush=True)
+        log.warning(f"retry {attempt}/{opts.retries} in {delay:.1f}s: {err.reason}")
         time.sleep(delay)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbr_builder.errors import UserError
+from dbr_builder.log import get_logger
 from dbr_builder.stages.download import hub
 from dbr_builder.stages.download.extract import Budget, archive_kind, extract_archive
 from dbr_builder.stages.download.http import DownloadError, FetchOptions, fetch
@@ -16,6 +17,8 @@ from dbr_builder.stages.download.registry import Artifact, DatasetSpec, Source
 from dbr_builder.stages.download.verify import Lock
 
 DOWNLOADS = ".downloads"
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -53,9 +56,9 @@ def obtain_artifact(ctx: Context, art: Artifact, key_prefix: str = "") -> Path:
     else:
         path = ctx.download_dir / art.name
         if path.exists():
-            print(f"  reusing {path}")
+            log.info(f"  reusing {path}")
         else:
-            print(f"  fetching {art.url}")
+            log.info(f"  fetching {art.url}")
             res = fetch(art.url, path, ctx.opts, desc=art.name)
             ctx.bytes_fetched += res.bytes_fetched
     key = f"{ctx.spec.name}/{key_prefix}{art.name}"
@@ -80,7 +83,7 @@ def build_archives(ctx: Context, src: Source, dest: Path, local: dict[str, Path]
     plain = {}
     for art in src.artifacts:
         if art.extract:
-            print(f"  extracting {paths[art.name].name}")
+            log.info(f"  extracting {paths[art.name].name}")
             extract_archive(paths[art.name], work, ctx.budget)
         else:
             plain[art.name] = paths[art.name]
@@ -129,7 +132,7 @@ def build_from(ctx: Context, from_: str, dest: Path) -> str:
     # A folder: an existing DomainBed tree, the registry's archives, extracted archives, or parquet.
     root = find_domain_root(path, spec.domains)
     if root is not None:
-        print(f"  copying the DomainBed tree at {root}")
+        log.info(f"  copying the DomainBed tree at {root}")
         copy_tree(root, dest)
         return f"folder {root}"
     for src in spec.sources:
@@ -161,7 +164,7 @@ def build_from(ctx: Context, from_: str, dest: Path) -> str:
 def obtain_artifact_to(ctx: Context, art: Artifact, path: Path) -> Path:
     """Fetch ``art`` to ``path`` unless present; verify against the lock file."""
     if not path.exists():
-        print(f"  fetching {art.url}")
+        log.info(f"  fetching {art.url}")
         ctx.bytes_fetched += fetch(art.url, path, ctx.opts, desc=art.name).bytes_fetched
     key = f"{ctx.spec.name}/url:{art.url}"
     ctx.lock.verify_artifact(key, path, art.url)
@@ -192,7 +195,7 @@ def _from_file(ctx: Context, path: Path, dest: Path, key: str | None) -> str:
         ctx.artifacts.append(key)
     work = ctx.staging / "work"
     work.mkdir(parents=True, exist_ok=True)
-    print(f"  extracting {path}")
+    log.info(f"  extracting {path}")
     extract_archive(path, work, ctx.budget)
     arch = _first(spec, "archives")
     if arch is not None and arch.layout.get("type") == "rename" and (work / arch.layout["from"]).is_dir():

@@ -37,11 +37,21 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends import KINDS, BackendError, Request, Result, make_backend, redact_spec
-from dbr_builder.config import load_stage_config, stage_schema, validate
+from dbr_builder.config import (
+    add_option,
+    load_stage_config,
+    options_from_args,
+    resolve,
+    schema_defaults,
+    stage_schema,
+    validate,
+)
 from dbr_builder.core import prompts
+from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.core.manifest import image_path, load_manifest, load_quarantine, splits_for_seed
 from dbr_builder.errors import ConfigError
+from dbr_builder.log import get_logger, show_progress
 from dbr_builder.resources import resource_path
 from dbr_builder.stages.evaluate import icl
 from dbr_builder.stages.evaluate.icl import group_pool, icl_pool, select_examples
@@ -51,7 +61,8 @@ from dbr_builder.stages.evaluate.results import load_paper_table, write_reports
 PER_DATASET = False
 
 MODES = ("scored", "direct", "reasoning", "choice", "icl")
-DEFAULT_MAX_NEW_TOKENS = {"scored": 0, "direct": 32, "reasoning": 1024, "choice": 64, "icl": 64}
+_D = schema_defaults("eval")  # every option default, defined once in schemas/stages/eval.schema.json
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"scored": 0, **_D["max_new_tokens"]}
 TEST_SPLITS = ("in", "out", "all")
 PROMPTS_OF = {"scored": ["q_cls"], "direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
               "icl": ["zeroshot_choice", "icl_example", "icl_query"]}
@@ -59,6 +70,8 @@ STUDENT_FIELDS = ("base_model", "dataset", "heldout_domain", "trial_seed", "clas
 
 
 # ---------------------------------------------------------------- jobs
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,56 +156,60 @@ def _student_spec(base_model: str, kind: str) -> str:
     return base_model if head in KINDS and ":" in base_model else f"{kind}:{base_model}"
 
 
-def student_options(cfg: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
+def student_options(cfg: dict[str, Any], student: dict[str, Any], kind: str = "hf") -> dict[str, Any]:
     """Backend options of a student: the config's ``student_options`` plus the processor settings it
     was trained with (``student.json`` ``processor_kwargs``), so it is evaluated on the same image
-    encoding without the user repeating them; ``student_options.processor_kwargs`` wins key by key."""
+    encoding without the user repeating them (hf: ``processor_kwargs``, vllm: ``mm_processor_kwargs``);
+    settings given in ``student_options`` win key by key."""
     opts = dict(cfg.get("student_options") or {})
     trained = student.get("processor_kwargs") or {}
     if trained:
-        opts["processor_kwargs"] = {**trained, **(opts.get("processor_kwargs") or {})}
+        key = "mm_processor_kwargs" if kind == "vllm" else "processor_kwargs"
+        opts[key] = {**trained, **(opts.get(key) or {})}
     return opts
 
 
 def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]]) -> list[Job]:
     """Expand the eval config into jobs; ``domains`` maps each dataset to its sorted domains."""
+    cfg = resolve("eval", cfg)
     jobs: list[Job] = []
     datasets = list(domains)
-    heldouts = cfg.get("heldout_domains")
+    heldouts = cfg["heldout_domains"]
     known = {d for ds in datasets for d in domains[ds]}
     unknown = [d for d in heldouts or [] if d not in known]
     if unknown:
         raise ConfigError(f"heldout_domains: {', '.join(map(repr, unknown))} not a domain of "
                           f"{', '.join(datasets)} (domains: {', '.join(sorted(known))})")
-    seeds = [int(s) for s in cfg.get("trial_seeds") or [0]]
-    default_shots = [int(k) for k in cfg.get("shots") or [0, 2, 4, 8]]
-    run = cfg.get("run") or "eval"
-    if cfg.get("students", True):
-        students_run = cfg.get("students_run") or run
+    seeds = [int(s) for s in cfg["trial_seeds"]]
+    default_shots = [int(k) for k in cfg["shots"]]
+    if cfg["students"]:
+        students_run = students_run_of(cfg)
         found = find_students(workdir, students_run, datasets)
-        backend_kind = cfg.get("student_backend", "hf")
-        # `scored` is what model selection measures (class log-likelihood argmax); it needs the hf backend
-        smodes = _mode_list(cfg.get("student_modes") or (["scored"] if backend_kind == "hf" else []) + [
-            "direct", "reasoning"], "student_modes")
+        smodes = _mode_list(cfg["student_modes"], "student_modes")
+        if cfg["student_backend"] != "hf" and "scored" in smodes:
+            # `scored` (what model selection measures) needs a backend that scores answers
+            logger.warning("eval: mode `scored` needs student_backend hf; skipped for %s students",
+                        cfg["student_backend"])
+            smodes = [m for m in smodes if m != "scored"]
         for st in found:
             if heldouts and st["heldout_domain"] not in heldouts:
                 continue
             for mode in smodes:
                 for k in (default_shots if mode == "icl" else [0]):
-                    jobs.append(Job(cfg.get("student_name") or students_run,
-                                    _student_spec(st["base_model"], cfg.get("student_backend", "hf")),
+                    jobs.append(Job(cfg["student_name"] or students_run,
+                                    _student_spec(st["base_model"], cfg["student_backend"]),
                                     st["adapter_dir"], mode, k, st["dataset"], st["heldout_domain"],
-                                    int(st["trial_seed"]), _options_json(student_options(cfg, st))))
-        if not found and not cfg.get("models"):
+                                    int(st["trial_seed"]), _options_json(student_options(cfg, st, cfg["student_backend"]))))
+        if not found and not cfg["models"]:
             raise ConfigError(
                 f"no trained students under {workdir / 'runs' / students_run}/<Dataset>/<heldout>/seed<k>/final/"
                 "student.json; run `dbr train` first, or list baseline `models:` in the eval config"
             )
-    for i, m in enumerate(cfg.get("models") or []):
+    for i, m in enumerate(cfg["models"]):
         where = f"models[{i}]"
         if "spec" not in m:
             raise ConfigError(f"{where}: give the model's backend `spec` (e.g. hf:PATH, vllm:MODEL, openai:gpt-4o)")
-        modes = _mode_list(m.get("modes") or cfg.get("modes") or ["choice"], f"{where}.modes")
+        modes = _mode_list(m.get("modes") or cfg["modes"], f"{where}.modes")
         shots = [int(k) for k in m.get("shots") or default_shots]
         mseeds = [int(s) for s in m.get("trial_seeds") or seeds]
         adapter = str(Path(m["adapter"]).resolve()) if m.get("adapter") else None
@@ -212,10 +229,8 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
 
 
 def _max_new_tokens(cfg: dict[str, Any], mode: str) -> int:
-    v = cfg.get("max_new_tokens")
-    if isinstance(v, int):
-        return v
-    return int({**DEFAULT_MAX_NEW_TOKENS, **(v or {})}[mode])
+    v = resolve("eval", cfg)["max_new_tokens"]
+    return v if isinstance(v, int) else int(v[mode])
 
 
 def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: list[str],
@@ -241,9 +256,9 @@ def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
         # a retrained adapter in the same folder must not reuse old answers
         "adapter_files": tree_fingerprint([Path(job.adapter)]) if job.adapter else None,
         "prompts": {n: prompts.prompt_id(n) for n in names},
-        "max_new_tokens": _max_new_tokens(cfg, job.mode), "temperature": float(cfg.get("temperature", 0.0)),
-        "top_p": float(cfg.get("top_p", 1.0)), "seed": int(cfg.get("seed", 0)),
-        "icl_split": cfg.get("icl_split", "in") if job.mode == "icl" else None,
+        "max_new_tokens": _max_new_tokens(cfg, job.mode), "temperature": float(cfg["temperature"]),
+        "top_p": float(cfg["top_p"]), "seed": int(cfg["seed"]),
+        "icl_split": cfg["icl_split"] if job.mode == "icl" else None,
         "trial_seed": job.trial_seed, "dataset": job.dataset, "heldout": job.heldout,
         "test_split": test_split(cfg),
     }
@@ -347,8 +362,8 @@ def _datasets_of(cfg: dict[str, Any], workdir: Path) -> list[str]:
     if cfg.get("dataset"):
         return [cfg["dataset"]]
     # no list given: the datasets that trained students exist for
-    run = cfg.get("students_run") or cfg.get("run") or "eval"
-    found = sorted({s["dataset"] for s in find_students(workdir, run)}) if cfg.get("students", True) else []
+    cfg = resolve("eval", cfg)
+    found = sorted({s["dataset"] for s in find_students(workdir, students_run_of(cfg))}) if cfg["students"] else []
     if not found:
         raise ConfigError("eval: give `datasets:` (or --dataset); no trained students found to infer them from")
     return found
@@ -404,19 +419,19 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
     from tqdm import tqdm
 
 
-    items = _eval_items(job, data, cfg.get("limit"), test_split(cfg))
+    items = _eval_items(job, data, cfg["limit"], test_split(cfg))
     done = {k for k, r in read_predictions(path).items() if r.get("error") is None}
     todo = [r for r in items if r["image_id"] not in done]
     if not todo:
         return {"items": len(items), "generated": 0, "errors": 0}
-    pool = (group_pool(icl_pool(data.rows_for(job.trial_seed), job.heldout, cfg.get("icl_split", "in")))
+    pool = (group_pool(icl_pool(data.rows_for(job.trial_seed), job.heldout, cfg["icl_split"]))
             if job.mode == "icl" else None)
-    seed = int(cfg.get("seed", 0))
+    seed = int(cfg["seed"])
     backend = backend_factory()
     errors = 0
     bar = tqdm(total=len(todo), desc=f"eval {job.method} {job.dataset}/{job.heldout} seed{job.trial_seed}",
-               unit="img", disable=not progress, file=sys.stderr)
-    for batch in _batches(todo, int(cfg.get("batch_size", 8))):
+               unit="img", disable=not show_progress(progress), file=sys.stderr)
+    for batch in _batches(todo, int(cfg["batch_size"])):
         reqs, extras = [], {}
         for row in batch:
             exs = (select_examples(pool, job.shots, job.trial_seed, row["image_id"], job.heldout)
@@ -424,8 +439,8 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
             extras[row["image_id"]] = [e["image_id"] for e in exs]
             reqs.append(Request(key=row["image_id"], content=build_content(job, row, data.meta, data.classes, exs),
                                 n=1, max_new_tokens=_max_new_tokens(cfg, job.mode),
-                                temperature=float(cfg.get("temperature", 0.0)),
-                                top_p=float(cfg.get("top_p", 1.0)), seed=seed))
+                                temperature=float(cfg["temperature"]),
+                                top_p=float(cfg["top_p"]), seed=seed))
         if job.mode == "scored":
             results = _score(backend, reqs, data.classes, job)
         else:
@@ -457,12 +472,12 @@ def collect_records(jobs: list[Job], cfg: dict[str, Any], data: dict[str, Datase
     An item without a stored answer (generation failed and was not retried yet) is scored
     as unparseable with status ``error``, so accuracies are always over the whole domain.
     """
-    syn = {ds: load_synonyms(ds, d.classes, cfg.get("synonyms")) for ds, d in data.items()}
+    syn = {ds: load_synonyms(ds, d.classes, cfg["synonyms"]) for ds, d in data.items()}
     out = []
     for job in jobs:
         d = data[job.dataset]
         preds = read_predictions(job_file(eval_dir, job, cfg))
-        for row in _eval_items(job, d, cfg.get("limit"), test_split(cfg)):
+        for row in _eval_items(job, d, cfg["limit"], test_split(cfg)):
             rec = preds.get(row["image_id"])
             if rec is None or rec.get("error") is not None:
                 pred, status = None, "error"
@@ -480,22 +495,30 @@ def collect_records(jobs: list[Job], cfg: dict[str, Any], data: dict[str, Datase
 
 def eval_dir_of(cfg: dict[str, Any], workdir: Path) -> Path:
     """``W/runs/<run>/eval``."""
-    return Path(workdir) / "runs" / (cfg.get("run") or "eval") / "eval"
+    return wdl.eval_dir(workdir, resolve("eval", cfg)["run"])
 
 
-def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
+def students_run_of(cfg: dict[str, Any]) -> str:
+    """The run whose students are evaluated: ``students_run``, else ``run``."""
+    cfg = resolve("eval", cfg)
+    return cfg["students_run"] or cfg["run"]
+
+
+def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log: Any = None) -> dict[str, Any]:
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
+    log = log or logger.info
     workdir = Path(workdir)
     names = _datasets_of(cfg, workdir)
-    if cfg.get("students", True) and not cfg.get("models"):
+    cfg = resolve("eval", cfg)
+    if cfg["students"] and not cfg["models"]:
         # only students to evaluate: skip datasets nobody has trained on (and their manifests)
-        trained = {s["dataset"] for s in find_students(workdir, cfg.get("students_run") or cfg.get("run") or "eval")}
+        trained = {s["dataset"] for s in find_students(workdir, students_run_of(cfg))}
         skipped = [n for n in names if n not in trained]
         names = [n for n in names if n in trained]
         if skipped and names:
             log(f"eval: no trained students for {', '.join(skipped)}; skipping")
         if not names:
-            run_dir = workdir / "runs" / (cfg.get("students_run") or cfg.get("run") or "eval")
+            run_dir = wdl.runs_dir(workdir, students_run_of(cfg))
             raise ConfigError(
                 f"no trained students under {run_dir}/<Dataset>/<heldout>/seed<k>/final/student.json for "
                 f"{', '.join(skipped)}; run `dbr train` first, or list baseline `models:` in the eval config")
@@ -538,17 +561,17 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log=pri
         if "b" in holder:
             _free(holder.pop("b"))
     records = collect_records(jobs, cfg, data, eval_dir)
-    paper = load_paper_table(cfg.get("paper_table")) if cfg.get("compare_paper", True) else None
+    paper = load_paper_table(cfg["paper_table"]) if cfg["compare_paper"] else None
     # table columns: the domains some job held out (all of them unless heldout_domains narrows it)
     evaluated = {ds: [d for d in doms if any(j.dataset == ds and j.heldout == d for j in jobs)]
                  for ds, doms in domains.items()}
     evaluated = {ds: doms for ds, doms in evaluated.items() if doms}
-    paths = write_reports(records, eval_dir, evaluated, paper, cfg.get("error", "se"),
-                          title=f"Held-out-domain accuracy: run `{cfg.get('run') or 'eval'}`",
+    paths = write_reports(records, eval_dir, evaluated, paper, cfg["error"],
+                          title=f"Held-out-domain accuracy: run `{cfg['run']}`",
                           all_domains=domains)
     log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
-        log(f"warning: {stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
+        logger.warning(f"{stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")
     return {**stats, "records": len(records), "outputs": {k: str(v) for k, v in paths.items()}}
 
 
@@ -561,12 +584,12 @@ def outputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
 
 def inputs(cfg: dict[str, Any], workdir: str | Path) -> list[Path]:
     """Files it reads that the pipeline does not produce upstream: students, synonyms, paper table."""
-    run_name = cfg.get("students_run") or cfg.get("run") or "eval"
-    out = [Path(cfg["synonyms"]) if cfg.get("synonyms") else resource_path("pipelines", "class_synonyms.yaml"),
-           Path(cfg["paper_table"]) if cfg.get("paper_table") else resource_path("pipelines", "paper_table1.yaml")]
-    if cfg.get("students", True):
-        out += [Path(s["dir"]) for s in find_students(Path(workdir), run_name)]
-    out += [Path(m["adapter"]) for m in cfg.get("models") or [] if m.get("adapter")]
+    cfg = resolve("eval", cfg)
+    out = [Path(cfg["synonyms"]) if cfg["synonyms"] else resource_path("pipelines", "class_synonyms.yaml"),
+           Path(cfg["paper_table"]) if cfg["paper_table"] else resource_path("pipelines", "paper_table1.yaml")]
+    if cfg["students"]:
+        out += [Path(s["dir"]) for s in find_students(Path(workdir), students_run_of(cfg))]
+    out += [Path(m["adapter"]) for m in cfg["models"] if m.get("adapter")]
     return out
 
 
@@ -585,19 +608,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LoRA adapter: a student's final/ folder (with student.json; its base model, dataset, "
                         "held-out domain and trial seed are used) or a PEFT adapter folder with --model")
     p.add_argument("--name", help="row name of --model/--adapter in the tables (default: the spec)")
-    p.add_argument("--mode", action="append", choices=MODES,
-                   help="direct | reasoning | choice | icl (repeatable; default: the config's, else "
-                        "direct+reasoning for students and choice for models)")
-    p.add_argument("--shots", action="append", type=int, metavar="K",
-                   help="in-context examples for --mode icl (repeatable; default 0 2 4 8)")
-    p.add_argument("--dataset", action="append", metavar="NAME", help="dataset(s) to evaluate (repeatable)")
-    p.add_argument("--heldout", action="append", metavar="DOMAIN", help="only these held-out domains (repeatable)")
-    p.add_argument("--trial-seed", action="append", type=int, metavar="K",
-                   help="trial seed(s) for --model baselines (repeatable; default 0)")
-    p.add_argument("--run", help="run name: results go to W/runs/RUN/eval (default: the config's `run`, else eval)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate at most N images per held-out domain (smoke tests)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="requests per backend call (default 8)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="token budget of every mode's answer")
+    add_option(p, "eval", "modes", "--mode", action="append", choices=MODES,
+               help="direct | reasoning | choice | icl (repeatable; default: the config's, else "
+                    "direct+reasoning for students and choice for models)")
+    add_option(p, "eval", "shots", action="append", type=int, metavar="K")
+    add_option(p, "eval", "datasets", "--dataset", action="append", metavar="NAME")
+    add_option(p, "eval", "heldout_domains", "--heldout", action="append", metavar="DOMAIN")
+    add_option(p, "eval", "trial_seeds", "--trial-seed", action="append", type=int, metavar="K")
+    add_option(p, "eval", "run")
+    add_option(p, "eval", "limit", metavar="N")
+    add_option(p, "eval", "batch_size", metavar="N")
+    add_option(p, "eval", "max_new_tokens", type=int, metavar="N", help="token budget of every mode's answer")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -617,11 +638,11 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if sj.exists():
             info = json.loads(sj.read_text(encoding="utf-8"))
             spec = args.model or _student_spec(info["base_model"], "hf")
-            cfg["datasets"] = args.dataset or [info["dataset"]]
-            cfg["heldout_domains"] = args.heldout or [info["heldout_domain"]]
-            cfg["trial_seeds"] = args.trial_seed or [int(info["trial_seed"])]
+            cfg["datasets"] = args.datasets or [info["dataset"]]
+            cfg["heldout_domains"] = args.heldout_domains or [info["heldout_domain"]]
+            cfg["trial_seeds"] = args.trial_seeds or [int(info["trial_seed"])]
             adapter = student_adapter(adir, info)
-            options = student_options(cfg, info)
+            options = student_options(cfg, info, spec.split(":", 1)[0].lower())
             # W/runs/<run>/<Dataset>/<heldout>/seed<k>/final: name the row after the run
             parents = adir.resolve().parents
             label = parents[3].name if len(parents) > 3 and adir.name == "final" else adir.name
@@ -637,17 +658,13 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["models"] = [{"name": args.name or label,
                           "spec": spec, **({"adapter": adapter} if adapter else {}),
                           **({"options": options} if options else {}),
-                          "modes": args.mode or default_modes}]
-    elif args.mode:
-        cfg["student_modes"] = args.mode
-        cfg["modes"] = args.mode
+                          "modes": args.modes or default_modes}]
+    elif args.modes:
+        cfg["student_modes"] = args.modes
+        cfg["modes"] = args.modes
         for m in cfg.get("models") or []:
-            m["modes"] = args.mode
-    for key, val in (("datasets", args.dataset), ("heldout_domains", args.heldout), ("trial_seeds", args.trial_seed),
-                     ("shots", args.shots), ("run", args.run), ("limit", args.limit),
-                     ("batch_size", args.batch_size), ("max_new_tokens", args.max_new_tokens)):
-        if val is not None:
-            cfg[key] = val
+            m["modes"] = args.modes
+    cfg.update({k: v for k, v in options_from_args(args).items() if k != "modes"})  # --mode: handled above
     schema = stage_schema("eval")
     if schema is not None:
         validate(cfg, schema, args.config or "command line")

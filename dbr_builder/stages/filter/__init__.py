@@ -63,6 +63,7 @@ from dbr_builder.core.manifest import load_manifest
 from dbr_builder.core.store import read_results
 from dbr_builder.core.workdir import chains_path, rejects_path, reports_dir
 from dbr_builder.errors import ConfigError
+from dbr_builder.log import get_logger
 from dbr_builder.stages.filter.stats import approx_tokens, markdown_table, summary_table, write_report
 from dbr_builder.stages.generate import generate_for_images
 
@@ -81,6 +82,8 @@ _D = schema_defaults("filter")  # every rule's default, defined once in schemas/
 DEFAULT_LENGTH: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in _D["length"].items()}
 _NORM = r"[^0-9a-z]+"
 _HINT_PATTERN = r"(?i)\bhint\b|correct class is"
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -422,8 +425,8 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     write_parquet_atomic(rejects, rejects_path(workdir, dataset))
     report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
 
-    print(f"{dataset}: filter report -> {Path(workdir) / 'reports' / dataset / 'stats.md'}")
-    print(summary_table(report))
+    log.info(f"{dataset}: filter report -> {reports_dir(workdir, dataset) / 'stats.md'}")
+    log.info(summary_table(report))
     return {"images": manifest.height, "kept": kept.height, "rejected": rejects.height,
             "hinted": int(kept.get_column("hinted").sum()), "rationalized": sent,
             "coverage": report["coverage"]["overall"]["coverage"]}

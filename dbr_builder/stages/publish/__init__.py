@@ -33,6 +33,7 @@ from dbr_builder.core.fsutil import atomic_dir, read_parquet, write_text_atomic
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.workdir import chains_dir, chains_path, safe_split_name
 from dbr_builder.errors import UserError
+from dbr_builder.log import show_progress
 from dbr_builder.stages.filter.stats import load_stats
 from dbr_builder.stages.publish.card import features_for, render_card
 from dbr_builder.stages.publish.push import check_push, push_folder
@@ -94,7 +95,7 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
     safe = [safe_split_name(d) for d in domains]
     if len(set(safe)) != len(safe):
         raise ValueError(f"{meta.get('dataset')}: domains {domains} give clashing split names {safe}")
-    bar = tqdm(total=chains.height, desc=f"publish {meta.get('dataset', '')}", unit="img", disable=not progress)
+    bar = tqdm(total=chains.height, desc=f"publish {meta.get('dataset', '')}", unit="img", disable=not show_progress(progress))
     for domain, split in zip(domains, safe, strict=True):
         rows = chains.filter(pl.col("domain") == domain)
         paths = [image_path(meta, p) for p in rows.get_column("path").to_list()]
