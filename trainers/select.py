@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from dbr_builder.log import show_progress
+from dbr_builder.stages.evaluate.parsing import parse_answer
 from trainers.data import KIND_CLS, Example, SampleEncoder, collate, load_image, pad_token_id
 from trainers.loss import answer_nll
+from trainers.sarr import SarrConfig, generate_with_model
 
 SELECT_MODES = ("scored", "direct", "reasoning")
 
@@ -70,9 +72,6 @@ def predict_classes(
         return [encoder.classes[i] for i in scores.argmax(dim=1).tolist()]
     if mode not in SELECT_MODES:
         raise ValueError(f"selection mode {mode!r}; expected one of {', '.join(SELECT_MODES)}")
-    from dbr_builder.stages.evaluate.parsing import parse_answer
-    from trainers.sarr import SarrConfig, generate_with_model
-
     prompt = encoder.q_cls if mode == "direct" else encoder.q_reason
     sc = SarrConfig(n=1, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     texts = generate_with_model(model, encoder, examples, sc, seed=0, prompt=prompt)

@@ -27,6 +27,7 @@ from dbr_builder.config import (
 )
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
+from dbr_builder.core.manifest import load_manifest, manifest_paths, manifest_splits
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
 from trainers import sarr as sarr_mod
@@ -118,8 +119,6 @@ def resplit(by_domain: dict[str, list], c: dict[str, Any], workdir: Path, datase
     re-split from ``W/manifest/<Dataset>.parquet``, which lists every image of every domain.
     """
     from dataclasses import replace
-
-    from dbr_builder.core.manifest import load_manifest, manifest_paths, manifest_splits
 
     if not c.get("resplit", True):
         return by_domain
@@ -393,8 +392,8 @@ def train_one(
             if sc.init == "restart" and init_state is not None and find_checkpoint(swork) is None:
                 load_trainable_state(model, init_state)
             if not data:
-                log(f"warning: [train] {name}: no correct self chain and sarr.no_correct=drop: the round trains "
-                    "on nothing and keeps the previous weights")
+                logger.warning(f"[train] {name}: no correct self chain and sarr.no_correct=drop: the round "
+                               "trains on nothing and keeps the previous weights")
         if data:
             res = train_stage(model, encoder, data, lc, swork, resume=True,
                               desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
