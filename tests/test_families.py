@@ -61,9 +61,9 @@ def _examples(images: list[Any]):
 def _load(path: Path, lora: bool = True):
     import torch
 
-    from trainers.train import DEFAULTS, LORA_DEFAULTS, load_student
+    from trainers.train import _cfg, load_student
 
-    c = {**DEFAULTS, "lora": dict(LORA_DEFAULTS), "finetune": "lora" if lora else "full"}
+    c = _cfg({"finetune": "lora" if lora else "full"})  # the train schema's defaults
     return load_student(str(path), c, torch.device("cpu"))
 
 
