@@ -19,10 +19,10 @@ from typing import Any
 
 from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
-from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic, write_text_atomic
 from dbr_builder.errors import ConfigError
 from dbr_builder.log import get_logger
-from dbr_builder.stages import download, filter, generate, index, publish, synth
+from dbr_builder.stages import download, filter, generate, index, publish, synth, view
 from dbr_builder.stages import evaluate as evaluate_stage
 from trainers import train
 
@@ -36,6 +36,7 @@ STAGES: dict[str, ModuleType] = {
     "publish": publish,
     "train": train,
     "eval": evaluate_stage,
+    "view": view,
 }
 
 HELP: dict[str, str] = {
@@ -47,6 +48,7 @@ HELP: dict[str, str] = {
     "publish": "write the Hub-layout dataset W/hub (and optionally push it)",
     "train": "fine-tune a student with MTCT + SARR, leave-one-domain-out",
     "eval": "evaluate held-out-domain accuracy and write result tables",
+    "view": "write a static HTML chain viewer W/view/index.html (images, kept chains, rejected candidates)",
 }
 
 logger = get_logger(__name__)
@@ -135,6 +137,10 @@ def run_pipeline(
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
     selected = _select(units, start, until)
+    # The pipeline as written (variables unexpanded, so no secret from the environment): card provenance.
+    text, copy = Path(path).read_text(encoding="utf-8"), wdl.pipeline_copy_path(wd)
+    if not copy.exists() or copy.read_text(encoding="utf-8") != text:
+        write_text_atomic(copy, text)
     stamps = wdl.stamps_dir(wd)
     upstream: list[str] = []  # output fingerprints of earlier units, in order
     report: dict[str, Any] = {}

@@ -246,13 +246,16 @@ def _hub_state(work: Path) -> dict[str, int]:
 @pytest.mark.parametrize(("args", "needle"), [
     (["--max-shard-mb", "0"], "--max-shard-mb:"),
     (["--push", "not a repo id", "--dry-run"], "--push 'not a repo id': expected a dataset repo id"),
-    (["--push", "user/repo"], "HF_TOKEN is not set"),
+    (["--push", "user/repo"], "no Hugging Face token: run `hf auth login`"),
     (["--dry-run"], "only apply with --push"),
 ])
 def test_publish_checks_before_rewriting_hub(work: Path, args: list[str], needle: str,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(work / "no-saved-login"))
     before = _hub_state(work)
     err = _err(capsys, ["publish", "-w", str(work), *args])
     assert needle in err

@@ -22,8 +22,9 @@ CLI_ONLY = {
     "generate": {"dataset", "workdir", "merge_from", "no_progress"},
     "filter": {"dataset", "workdir", "config"},
     "publish": {"workdir", "no_write"},
-    "train": {"config", "workdir"},
+    "train": {"config", "workdir", "push", "private", "dry_run"},
     "eval": {"config", "workdir", "model", "adapter", "name", "no_progress"},
+    "view": {"workdir"},
 }
 
 

@@ -34,6 +34,7 @@ from dbr_builder.core.fsutil import atomic_dir
 from dbr_builder.errors import UserError
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
+from trainers.tracking import step_metrics
 
 CKPT = "checkpoint"
 
@@ -213,12 +214,14 @@ def train_stage(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
+    tracker: Any = None,
 ) -> StageResult:
     """Train ``model``'s trainable parameters on ``examples`` with the MTCT loss.
 
     ``work`` holds the stage's checkpoint and ``log.jsonl``; with ``resume`` an existing
     checkpoint there is loaded and training continues after its step. ``on_step(step)`` is
-    called after every optimizer step (after any checkpoint of that step).
+    called after every optimizer step (after any checkpoint of that step). ``tracker``
+    (``trainers.tracking.Tracker``) gets every step's record on the main process.
     """
     from accelerate import Accelerator
     from tqdm import tqdm
@@ -308,6 +311,8 @@ def train_stage(
                 rec = {"step": step, "epoch": (step - 1) // per_epoch, "loss": step_loss, "lr": scheduler.get_last_lr()[0], **stats}
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
+                if tracker is not None:
+                    tracker.log(step_metrics(rec), step)
             stats = {}
             step_loss = 0.0
             if step % max(1, lc.checkpoint_every) == 0 or step % per_epoch == 0 or step == total:

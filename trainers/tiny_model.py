@@ -18,11 +18,10 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.core.fsutil import stable_hash, swap_dir
+from dbr_builder.core.fsutil import honour_umask, make_temp_dir, stable_hash, swap_dir
 from dbr_builder.errors import UserError
 
 # Bump when the build recipe changes in a way the spec below does not capture.
@@ -392,12 +391,8 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)  # umask modes, not mkdtemp's private 0700
     try:
-        # mkdtemp makes a private (0700) folder; a cache folder should be readable like any other.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         _build_into(tmp, seed)
         (tmp / MARKER).write_text(
             json.dumps({"spec_hash": spec_hash, "spec": spec}, indent=2, sort_keys=True) + "\n"
@@ -405,6 +400,7 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, force:
         if _is_build(out, spec_hash) and not force:
             # A concurrent builder finished the identical build first: keep it.
             return out
+        honour_umask(tmp)  # safetensors writes its file 0600
         swap_dir(tmp, out)
     finally:
         if tmp.exists():

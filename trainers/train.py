@@ -30,10 +30,13 @@ from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.core.manifest import load_manifest, manifest_paths, manifest_splits
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
+from dbr_builder.stages.publish.push import check_push
 from trainers import sarr as sarr_mod
+from trainers.card import push_run, write_unit_card
 from trainers.data import SampleEncoder, load_published, lodo_split
 from trainers.sarr import SarrConfig
 from trainers.tiny_model import build_tiny_model
+from trainers.tracking import check_report_to, make_tracker
 
 PER_DATASET = False
 STAGE = "train"
@@ -261,7 +264,7 @@ def _sharded(state: Any, items: list, fn: Any, tag: Path) -> list:
 
 # Keys that do not change what a run trains (where it runs, how it checkpoints, which units it covers).
 _NOT_SETTINGS = {"resume", "num_workers", "checkpoint_every", "datasets", "dataset", "heldout", "trial_seeds",
-                 "workdir", "root", "stage", "name", "description"}
+                 "workdir", "root", "stage", "name", "description", "report_to", "tracking_project"}
 
 
 def check_run_settings(out: Path, c: dict[str, Any]) -> None:
@@ -394,14 +397,20 @@ def train_one(
             if not data:
                 logger.warning(f"[train] {name}: no correct self chain and sarr.no_correct=drop: the round "
                                "trains on nothing and keeps the previous weights")
-        if data:
-            res = train_stage(model, encoder, data, lc, swork, resume=True,
-                              desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log)
-            info["train"] = res.summary()
-        else:
-            info["train"] = {"steps": 0, "samples": 0, "truncated_samples": 0, "truncated_tokens": 0,
-                             "skipped": "no training images (no correct self chain)"}
-        info["val"] = validate()
+        with make_tracker(c["report_to"] if state.is_main_process else ["none"], out / "tensorboard" / name,
+                          c["tracking_project"], f"{c['run']}/{dataset}/{heldout}/seed{seed}/{name}",
+                          {k: v for k, v in c.items() if k not in _NOT_SETTINGS}) as tracker:
+            if data:
+                res = train_stage(model, encoder, data, lc, swork, resume=True,
+                                  desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log, tracker=tracker)
+                info["train"] = res.summary()
+                steps = res.steps
+            else:
+                info["train"] = {"steps": 0, "samples": 0, "truncated_samples": 0, "truncated_tokens": 0,
+                                 "skipped": "no training images (no correct self chain)"}
+                steps = 0
+            info["val"] = validate()
+            tracker.log({"val/accuracy": info["val"]["accuracy"]}, steps)
         log(f"[train] {name}: val accuracy (training domains' out) = {info['val']['accuracy']}")
         if state.is_main_process:
             save_stage(sdir, model, processor, info, full, extra)
@@ -430,6 +439,7 @@ def train_one(
             if full:
                 processor.save_pretrained(tmp)
             write_json_atomic(tmp / "student.json", student_json)
+            write_unit_card(tmp, out, student_json, _data_source(c, workdir), workdir)  # README.md + training.png
     state.wait_for_everyone()
     log(f"[train] {dataset}/{heldout}/seed{seed}: selected {best} -> {final}")
     return student_json
@@ -486,6 +496,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise ConfigError(f"train.finetune={c['finetune']!r}; expected lora or full")
     workdir = Path(workdir)
     check_student(c["student"])
+    check_report_to(c["report_to"])
     _sarr_config(c)  # sampling a backend would reject fails here, before any model loads
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
@@ -513,6 +524,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, STAGE, "trial_seeds", "--trial-seed", metavar="K")
     for key in ("student", "data", "run", "max_steps", "resume"):
         add_option(p, STAGE, key)
+    add_option(p, STAGE, "report_to", metavar="TRACKER")
+    p.add_argument("--push", metavar="REPO_ID", help="after training, upload the run's students with their model "
+                   "cards to this Hub model repo, in one commit (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo as private")
+    p.add_argument("--dry-run", action="store_true", help="with --push: train nothing, upload nothing; list the "
+                   "exact commit operations for the students already trained")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -521,6 +538,20 @@ def main(args: argparse.Namespace) -> int:
     cfg.update(given)
     # The config file was checked when loaded; check the command-line overrides the same way.
     validate_options(given, STAGE, "command line", flags_of(args))
-    summary = run(cfg, Path(args.workdir or cfg.get("workdir") or "work"))
-    print(json.dumps(summary, indent=2))
+    if args.push:
+        check_push(args.push, dry_run=args.dry_run, repo_type="model")
+    elif args.dry_run or args.private:
+        raise UserError("--dry-run and --private only apply with --push REPO_ID")
+    wd = Path(args.workdir or cfg.get("workdir") or "work")
+    if not args.dry_run:
+        summary = run(cfg, wd)
+        print(json.dumps(summary, indent=2))
+    if args.push:
+        c = _cfg(cfg)
+        held = c.get("heldout")
+        push_run(wd, c["run"], args.push, _data_source(c, wd),
+                 datasets=_datasets(c) if c.get("dataset") or c.get("datasets") else None,
+                 heldout=None if held is None else ([held] if isinstance(held, str) else list(held)),
+                 seeds=[int(s) for s in c["trial_seeds"]] if "trial_seeds" in given else None,
+                 private=args.private, dry_run=args.dry_run)
     return 0

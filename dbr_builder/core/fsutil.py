@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,30 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def honour_umask(tree: str | os.PathLike[str]) -> None:
+    """Give every file and folder under ``tree`` (and ``tree``) the modes the umask allows.
+
+    Libraries that write through their own private temporary files (``safetensors``, for one,
+    leaves ``model.safetensors`` at 0600) would otherwise make outputs unreadable to labmates.
+    Executable files stay executable; symbolic and hard links are left alone (a hard link shares
+    its mode with a file outside the tree).
+    """
+    mask = current_umask()
+    tree = Path(tree)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:  # a hard link's mode is its source's too
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+    if tree.is_dir() and not tree.is_symlink():
+        tree.chmod(0o777 & ~mask)
 
 
 def make_temp_dir(parent: str | os.PathLike[str], name: str) -> Path:
@@ -121,6 +146,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = make_temp_dir(dest.parent, dest.name)
     try:
         yield tmp
+        honour_umask(tmp)  # files that libraries wrote privately (e.g. safetensors' 0600) included
         swap_dir(tmp, dest)
     finally:
         if tmp.exists():

@@ -143,6 +143,8 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # SQLite would create it 0644 whatever the umask (and its -wal/-shm alike)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
         con = sqlite3.connect(path, timeout=60, isolation_level=None)
         con.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives a killed process; only an

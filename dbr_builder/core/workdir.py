@@ -6,8 +6,10 @@ W/manifest/<Dataset>.parquet (+ .json)    index
 W/generations/<Dataset>/results*.sqlite   generate
 W/chains/<Dataset>.parquet (+ rejects)    filter
 W/reports/<Dataset>/                      filter statistics, generate usage
+W/reports/pipeline.yaml                   the pipeline `dbr run` last ran, as written (dataset card)
 W/hub/README.md + data/<Dataset>/...      publish
 W/runs/<run>/<Dataset>/<heldout>/seed<k>  train; W/runs/<run>/eval for eval
+W/view/index.html                         chain viewer (view)
 W/models/                                 students built by the project (the tiny one)
 W/logs/                                   logs of cluster jobs
 W/.stamps/                                `dbr run` up-to-date stamps
@@ -57,6 +59,16 @@ def rejects_path(workdir: PathLike, dataset: str) -> Path:
 def reports_dir(workdir: PathLike, dataset: str) -> Path:
     """``W/reports/<Dataset>``."""
     return Path(workdir) / "reports" / dataset
+
+
+def pipeline_copy_path(workdir: PathLike) -> Path:
+    """``W/reports/pipeline.yaml``: the pipeline file `dbr run` last ran, as written (for provenance)."""
+    return Path(workdir) / "reports" / "pipeline.yaml"
+
+
+def view_dir(workdir: PathLike) -> Path:
+    """``W/view``: the static chain viewer (``dbr view``)."""
+    return Path(workdir) / "view"
 
 
 def hub_dir(workdir: PathLike) -> Path:

@@ -568,7 +568,7 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log: An
     evaluated = {ds: doms for ds, doms in evaluated.items() if doms}
     paths = write_reports(records, eval_dir, evaluated, paper, cfg["error"],
                           title=f"Held-out-domain accuracy: run `{cfg['run']}`",
-                          all_domains=domains)
+                          all_domains=domains, num_classes={ds: len(d.classes) for ds, d in data.items()})
     log(paths["md"].read_text(encoding="utf-8"))  # `dbr run` (make demo) ends with this table
     if stats["errors"]:
         logger.warning(f"{stats['errors']} request(s) failed (scored as wrong); rerun `dbr eval` to retry them")

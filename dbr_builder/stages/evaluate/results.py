@@ -283,22 +283,39 @@ def render_latex(summary: dict[str, Any], paper: dict[str, Any] | None = None) -
     return "\n".join(parts)
 
 
-def bar_chart(summary: dict[str, Any], ds: str, dest: str | Path, paper: dict[str, Any] | None = None) -> Path:
+def bar_chart(summary: dict[str, Any], ds: str, dest: str | Path, paper: dict[str, Any] | None = None,
+              num_classes: int | None = None) -> Path:
+    """Write :func:`bar_figure` to ``dest`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = bar_figure(summary, ds, paper, num_classes)
+    dest = Path(dest)
+    with atomic_path(dest, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return dest
+
+
+def bar_figure(summary: dict[str, Any], ds: str, paper: dict[str, Any] | None = None,
+               num_classes: int | None = None) -> Any:
     """PNG bar chart of one dataset: per held-out domain and Avg, one bar per method with error bars.
 
-    The paper's Table 1 numbers for the dataset (if any) are drawn as dashed lines.
+    The paper's Table 1 numbers for the dataset (if any) are drawn as dashed lines, chance level
+    (100 / ``num_classes``) as a dotted grey line; the legend sits outside the axes, so it never
+    covers a bar, and long domain names are wrapped.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")  # no display; never pick an interactive backend
     import matplotlib.pyplot as plt
 
-
     entry = summary["datasets"][ds]
     groups = [*entry["domains"], "Avg"]
     methods = list(entry["methods"])
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 0.4 * len(methods)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 0.35 * len(methods)) + 2.6, 4.4))
     for i, m in enumerate(methods):
         v = entry["methods"][m]
         means = [v["per_domain"][d]["mean"] if d in v["per_domain"] else 0.0 for d in entry["domains"]]
@@ -311,24 +328,27 @@ def bar_chart(summary: dict[str, Any], ds: str, dest: str | Path, paper: dict[st
         if ds in row:
             ax.axhline(row[ds], linestyle="--", linewidth=1, color=f"C{(len(methods) + j) % 10}",
                        label=f"{row['method']} (paper avg)")
-    ax.set_xticks(range(len(groups)), groups, rotation=15)
+    if num_classes and num_classes > 1:
+        ax.axhline(100.0 / num_classes, linestyle=":", linewidth=1.2, color="0.35",
+                   label=f"chance ({100.0 / num_classes:.1f}%, {num_classes} classes)")
+    ax.set_xticks(range(len(groups)), ["\n".join(textwrap.wrap(g.replace("_", " "), 12)) or g for g in groups])
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{ds}: leave-one-domain-out accuracy")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
-    dest = Path(dest)
-    with atomic_path(dest, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return dest
+    return fig
 
 
 def write_reports(records: Iterable[dict[str, Any]], out_dir: str | Path,
                   domains: dict[str, list[str]] | None = None, paper: dict[str, Any] | None = None,
                   error: str = "se", title: str = "",
-                  all_domains: dict[str, list[str]] | None = None) -> dict[str, Path]:
-    """Compute the tables from prediction records and write ``results.{json,md,tex}`` and ``<Dataset>.png``."""
+                  all_domains: dict[str, list[str]] | None = None,
+                  num_classes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Compute the tables from prediction records and write ``results.{json,md,tex}`` and ``<Dataset>.png``.
+
+    ``num_classes`` (per dataset) draws the chance level on the charts.
+    """
     out_dir = Path(out_dir)
     cells = cell_metrics(records)
     summary = summarize(cells, domains, error, all_domains)
@@ -339,5 +359,5 @@ def write_reports(records: Iterable[dict[str, Any]], out_dir: str | Path,
         "tex": write_text_atomic(out_dir / "results.tex", render_latex(summary, paper)),
     }
     for ds in summary["datasets"]:
-        paths[f"png:{ds}"] = bar_chart(summary, ds, out_dir / f"{ds}.png", paper)
+        paths[f"png:{ds}"] = bar_chart(summary, ds, out_dir / f"{ds}.png", paper, (num_classes or {}).get(ds))
     return paths

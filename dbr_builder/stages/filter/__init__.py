@@ -41,6 +41,8 @@ flagged ``hinted``. The work is stored in the same append-only store, so a rerun
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -423,7 +425,8 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     validate_kept(kept, classes)
     write_parquet_atomic(kept, chains_path(workdir, dataset))
     write_parquet_atomic(rejects, rejects_path(workdir, dataset))
-    report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent)
+    report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent,
+                          rules=json.loads(json.dumps(dataclasses.asdict(rules), default=list)))
 
     log.info(f"{dataset}: filter report -> {reports_dir(workdir, dataset) / 'stats.md'}")
     log.info(summary_table(report))

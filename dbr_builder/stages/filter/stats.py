@@ -221,9 +221,9 @@ def write_charts(out_dir: Path, stats: dict[str, Any]) -> list[Path]:
             ("candidate acceptance", [acc.get(n) or 0 for n in names]),
             ("teacher zero-shot acc.", [zs.get(n) or 0 for n in names])), strict=True):
         ax.bar([i + off for i in x], vals, width=0.27, label=label)
-    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a bar
     ax.set_title("per domain")
     save(fig, "domains.png")
 
@@ -233,14 +233,27 @@ def write_charts(out_dir: Path, stats: dict[str, Any]) -> list[Path]:
     ax.set_title("rejected candidates by reason")
     save(fig, "reasons.png")
 
-    cls = stats["coverage"]["by_class"]
-    fig, ax = plt.subplots(figsize=(max(4, 0.18 * len(cls) + 2), 3))
-    ax.bar([str(r["class_name"]) for r in cls], [r["coverage"] or 0 for r in cls])
-    ax.tick_params(axis="x", rotation=90, labelsize=6)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("coverage by class")
-    save(fig, "classes.png")
+    save(class_figure(stats["coverage"]["by_class"]), "classes.png")
     return written
+
+
+def class_figure(cls: list[dict[str, Any]]) -> Any:
+    """Coverage by class as horizontal bars, one row per class, so 65 (OfficeHome) or 345 (DomainNet)
+    class names stay readable (the figure grows with the class count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [str(r["class_name"]).replace("_", " ") for r in cls][::-1]
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.17 * len(cls) + 0.9)))
+    ax.barh(range(len(cls)), [r["coverage"] or 0 for r in cls][::-1], height=0.75)
+    ax.set_yticks(range(len(cls)), names, fontsize=7 if len(cls) <= 100 else 5)
+    ax.set_ylim(-0.6, len(cls) - 0.4)
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("coverage (images with a kept chain)")
+    ax.set_title("coverage by class")
+    return fig
 
 
 def report_dir(workdir: str | Path, dataset: str) -> Path:
@@ -249,11 +262,17 @@ def report_dir(workdir: str | Path, dataset: str) -> Path:
 
 
 def write_report(workdir: str | Path, dataset: str, ev: pl.DataFrame, manifest: pl.DataFrame,
-                 kept: pl.DataFrame, rationalized: int = 0, charts: bool = True) -> dict[str, Any]:
-    """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats."""
+                 kept: pl.DataFrame, rationalized: int = 0, charts: bool = True,
+                 rules: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats.
+
+    ``rules``: the effective filter rules, kept in ``stats.json`` for the dataset card's provenance.
+    """
     stats = compute_stats(ev, manifest, kept)
     stats["dataset"] = dataset
     stats["rationalized_images"] = rationalized
+    if rules is not None:
+        stats["rules"] = rules
     out = report_dir(workdir, dataset)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "stats.json", stats)

@@ -10,6 +10,20 @@ columns; shards are cut so that each holds at most ``max_shard_mb`` of payload (
 least one row). Rows keep manifest order; parquet is written with fixed settings and no
 timestamps, so the same inputs give byte-identical files. Each dataset's folder is written
 beside the old one and swapped in by rename, so a crash never leaves a half-written config.
+
+Shards are written the way the ``datasets`` ecosystem writes them, so the Hub's dataset viewer
+and streaming readers work well: row groups of at most 100 rows and about 100 MB (a reader
+fetches one row group for one row), a page index (readers skip pages), the image column stored
+as read (no compression, PLAIN encoding: JPEG/PNG bytes do not compress, and equal images stay
+byte-equal across files) and content-defined chunking of data pages where the installed pyarrow
+supports it (``use_content_defined_chunking``, pyarrow >= 21), so that a re-publish uploads
+only the pages that changed to the Hub's Xet storage.
+
+``mode``: ``full`` (default) embeds the images; ``gated`` embeds them too and makes the card
+ask users to accept the source datasets' terms before downloading (the Hub gates the repo on
+push); ``chains_only`` publishes no pixels: the chains with each image's id (sha256 of its
+bytes) and its path in the source dataset's own layout (``source_path``), for sources whose
+terms forbid redistribution (the card says how to download the images from their source).
 """
 
 from __future__ import annotations
@@ -35,16 +49,86 @@ from dbr_builder.core.workdir import chains_dir, chains_path, safe_split_name
 from dbr_builder.errors import UserError
 from dbr_builder.log import show_progress
 from dbr_builder.stages.filter.stats import load_stats
-from dbr_builder.stages.publish.card import features_for, render_card
+from dbr_builder.stages.publish.card import features_for, provenance, render_card
 from dbr_builder.stages.publish.push import check_push, push_folder
 
 PER_DATASET = False
 _D = schema_defaults("publish")  # the option defaults, defined once in schemas/stages/publish.schema.json
 DEFAULT_MAX_SHARD_MB: float = _D["max_shard_mb"]
-ROW_GROUP_ROWS = 100  # small row groups: images are large, readers stream them
+ROW_GROUP_ROWS = 100  # small row groups: images are large, the viewer and streaming readers fetch one
+ROW_GROUP_BYTES = 100_000_000  # ... and at most ~100 MB of payload (datasets' MAX_ROW_GROUP_SIZE)
+MODES = ("full", "gated", "chains_only")
+# datasets' DEFAULT_CDC_OPTIONS: the same page boundaries as `push_to_hub`, for Xet deduplication
+CDC_OPTIONS = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
 
 COLUMNS = ["image", "image_id", "dataset", "domain", "class_name", "label", "dg_split", "chain", "summary",
            "caption", "reasoning", "reflection", "conclusion", "hinted", "teacher"]
+CHAINS_ONLY_COLUMNS = ["image_id", "source_path", *COLUMNS[2:]]
+
+
+def cdc_supported() -> bool:
+    """Whether the installed pyarrow writes parquet with content-defined chunking (pyarrow >= 21.0)."""
+    import pyarrow
+
+    try:
+        return int(pyarrow.__version__.split(".")[0]) >= 21
+    except ValueError:
+        return False
+
+
+def parquet_options(schema: Any) -> dict[str, Any]:
+    """``pq.ParquetWriter`` options: page index, CDC when available, image bytes stored as read.
+
+    The image bytes (already JPEG/PNG-compressed) get no compression and PLAIN encoding, as
+    ``datasets`` writes embedded files; every other column zstd with dictionaries.
+    """
+    leaves: list[str] = []
+    for f in schema:
+        if hasattr(f.type, "num_fields") and f.type.num_fields:  # a struct: the image column
+            leaves += [f"{f.name}.{f.type.field(i).name}" for i in range(f.type.num_fields)]
+        else:
+            leaves.append(f.name)
+    raw = [leaf for leaf in leaves if leaf.endswith(".bytes")]
+    opts: dict[str, Any] = {
+        "compression": {leaf: ("none" if leaf in raw else "zstd") for leaf in leaves},
+        "use_dictionary": [leaf for leaf in leaves if leaf not in raw],
+        "column_encoding": {leaf: "PLAIN" for leaf in raw},
+        "write_statistics": [leaf for leaf in leaves if leaf not in raw],  # min/max of image bytes: useless
+        "write_page_index": True,
+        "store_schema": True,
+    }
+    if cdc_supported():
+        opts["use_content_defined_chunking"] = CDC_OPTIONS
+    return opts
+
+
+def plan_row_groups(sizes: list[int], max_rows: int = ROW_GROUP_ROWS,
+                    max_bytes: int = ROW_GROUP_BYTES) -> list[tuple[int, int]]:
+    """Cut rows into [start, end) row groups of at most ``max_rows`` rows and ``max_bytes`` payload."""
+    groups: list[tuple[int, int]] = []
+    start, acc = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_rows or acc + n > max_bytes):
+            groups.append((start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
+
+
+def write_parquet(table: Any, dest: Path, sizes: list[int]) -> None:
+    """Write ``table`` to ``dest`` with :func:`parquet_options`, one row group per :func:`plan_row_groups`."""
+    import json as _json
+
+    import pyarrow.parquet as pq
+
+    opts = parquet_options(table.schema)
+    with pq.ParquetWriter(dest, table.schema, **opts) as writer:
+        for a, b in plan_row_groups(sizes) or [(0, 0)]:
+            writer.write_table(table.slice(a, b - a), row_group_size=max(1, b - a))
+        if "use_content_defined_chunking" in opts:  # as `datasets` marks its files
+            writer.add_key_value_metadata({"content_defined_chunking": _json.dumps(opts["use_content_defined_chunking"])})
 
 
 def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
@@ -61,34 +145,38 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
     return shards
 
 
-def _arrow_table(rows: Any, image_bytes: list[bytes], features) -> Any:
+def _arrow_table(rows: Any, image_bytes: list[bytes] | None, features, source_prefix: str = "") -> Any:
+    """The shard's arrow table; ``image_bytes`` None = chains only (``source_path`` instead of pixels)."""
     import pyarrow as pa
 
     schema = features.arrow_schema
-    names = rows.get_column("path").map_elements(lambda p: p.rsplit("/", 1)[-1], return_dtype=str).to_list() \
-        if rows.height else []
-    cols = {
-        "image": pa.array([{"bytes": b, "path": n} for b, n in zip(image_bytes, names, strict=True)],
-                          type=schema.field("image").type),
+    paths = rows.get_column("path").to_list()
+    cols: dict[str, Any] = {
         "dg_split": pa.array(rows.get_column("split").to_list(), pa.string()),
         "label": pa.array(rows.get_column("label").to_list(), pa.int64()),
         "hinted": pa.array(rows.get_column("hinted").to_list(), pa.bool_()),
     }
-    for c in COLUMNS:
+    if image_bytes is None:
+        cols["source_path"] = pa.array([f"{source_prefix}{p}" for p in paths], pa.string())
+    else:
+        names = [p.rsplit("/", 1)[-1] for p in paths]
+        cols["image"] = pa.array([{"bytes": b, "path": n} for b, n in zip(image_bytes, names, strict=True)],
+                                 type=schema.field("image").type)
+    for c in schema.names:
         if c not in cols:
             cols[c] = pa.array(rows.get_column(c).to_list(), pa.string())
-    return pa.Table.from_arrays([cols[c] for c in COLUMNS], schema=schema)
+    return pa.Table.from_arrays([cols[c] for c in schema.names], schema=schema)
 
 
 def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes: int,
-                  progress: bool = True) -> list[dict[str, Any]]:
+                  progress: bool = True, mode: str = "full") -> list[dict[str, Any]]:
     """Write one dataset's shards into ``dest`` (a fresh folder); return per-split info."""
     import polars as pl
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
-
-    features = features_for(meta["classes"])
+    pixels = mode != "chains_only"
+    features = features_for(meta["classes"], pixels=pixels)
+    source_prefix = f"{Path(meta['root']).name}/" if meta.get("root") else ""
     dest.mkdir(parents=True, exist_ok=True)
     splits = []
     domains = [d for d in meta["domains"] if d in set(chains.get_column("domain").to_list())]
@@ -101,15 +189,13 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
         paths = [image_path(meta, p) for p in rows.get_column("path").to_list()]
         # payload: image bytes + the text columns (the stages repeat the chain: about twice its size)
         text = rows.get_column("chain").str.len_bytes().fill_null(0).to_list()
-        sizes = [os.path.getsize(p) + 2 * t for p, t in zip(paths, text, strict=True)]
+        sizes = [(os.path.getsize(p) if pixels else 0) + 2 * t for p, t in zip(paths, text, strict=True)]
         shards = plan_shards(sizes, max_shard_bytes)
         num_bytes = 0
         for k, (a, b) in enumerate(shards):
-            blobs = [Path(p).read_bytes() for p in paths[a:b]]
-            table = _arrow_table(rows.slice(a, b - a), blobs, features)
-            out = dest / f"{split}-{k:05d}-of-{len(shards):05d}.parquet"
-            pq.write_table(table, out, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=False,
-                           store_schema=True)
+            blobs = [Path(p).read_bytes() for p in paths[a:b]] if pixels else None  # as read: no re-encoding
+            table = _arrow_table(rows.slice(a, b - a), blobs, features, source_prefix)
+            write_parquet(table, dest / f"{split}-{k:05d}-of-{len(shards):05d}.parquet", sizes[a:b])
             num_bytes += table.nbytes
             bar.update(b - a)
         splits.append({"domain": domain, "split": split, "num_examples": rows.height, "num_bytes": num_bytes,
@@ -120,10 +206,10 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
 
 def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = None,
             max_shard_mb: float = DEFAULT_MAX_SHARD_MB, progress: bool = True,
-            card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+            card_extra: dict[str, Any] | None = None, mode: str = "full") -> dict[str, Any]:
     """Write ``out`` (default ``W/hub``) for ``datasets``; return ``{dataset: [split info]}``."""
-
-
+    if mode not in MODES:
+        raise ValueError(f"publish mode {mode!r}: expected one of {', '.join(MODES)}")
     workdir = Path(workdir)
     hub = Path(out) if out else wdl.hub_dir(workdir)
     if not datasets:
@@ -137,14 +223,16 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
         meta = {**meta, "dataset": ds}
         chains = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
         with atomic_dir(hub / "data" / ds) as tmp:
-            splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress)
+            splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress, mode)
         infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": load_stats(workdir, ds),
-                     "teachers": sorted(set(chains.get_column("teacher").to_list()))}
+                     "teachers": sorted(set(chains.get_column("teacher").to_list())),
+                     "source_folder": Path(meta["root"]).name if meta.get("root") else ds}
     # Folders of datasets no longer published would be loadable configs without a card entry.
     for stale in sorted((hub / "data").iterdir()):
         if stale.is_dir() and not stale.name.startswith(".") and stale.name not in infos:
             shutil.rmtree(stale)
-    write_text_atomic(hub / "README.md", render_card(infos, **(card_extra or {})))
+    prov = provenance(workdir, datasets)
+    write_text_atomic(hub / "README.md", render_card(infos, mode=mode, provenance=prov, **(card_extra or {})))
     return infos
 
 
@@ -154,18 +242,24 @@ def hub_dir(cfg: dict[str, Any], workdir: Path) -> Path:
     return Path(cfg.get("out") or wdl.hub_dir(workdir))
 
 
+def _push_options(o: dict[str, Any]) -> dict[str, Any]:
+    return {"private": bool(o.get("private")), "dry_run": bool(o.get("dry_run")), "revision": o.get("revision"),
+            "create_pr": bool(o.get("create_pr")), "tag": o.get("tag"),
+            "gated": "manual" if o.get("mode") == "gated" else None}
+
+
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Publish ``cfg["datasets"]`` into W/hub; push when ``cfg["push"]`` names a repo."""
     hub = hub_dir(cfg, workdir)
     o = resolve("publish", cfg)
     infos = publish(workdir, list(o.get("datasets") or []), hub, float(o.max_shard_mb),
-                    card_extra={"pretty_name": o.pretty_name, "repo_id": o.push})
+                    card_extra={"pretty_name": o.pretty_name, "repo_id": o.push}, mode=o.mode)
     summary: dict[str, Any] = {
         ds: {s["split"]: s["num_examples"] for s in info["splits"]} for ds, info in infos.items()
     }
     if o.push:
-        res = push_folder(hub, o.push, private=o.private, dry_run=o.dry_run)
-        summary["_push"] = {k: res[k] for k in ("repo_id", "files", "dry_run")}
+        res = push_folder(hub, o.push, **_push_options(o))
+        summary["_push"] = {k: res[k] for k in ("repo_id", "files", "dry_run", "commit")}
     return summary
 
 
@@ -182,8 +276,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "publish", "out")
     add_option(p, "publish", "max_shard_mb")
     add_option(p, "publish", "pretty_name")
+    add_option(p, "publish", "mode")
     add_option(p, "publish", "push", metavar="REPO_ID")
     add_option(p, "publish", "private", action="store_true")
+    add_option(p, "publish", "revision", metavar="BRANCH")
+    add_option(p, "publish", "create_pr", action="store_true")
+    add_option(p, "publish", "tag")
     add_option(p, "publish", "dry_run", action="store_true")
     p.add_argument("--no-write", action="store_true", help="push an existing W/hub as is, without rewriting it")
 
@@ -196,9 +294,9 @@ def main(args: argparse.Namespace) -> int:
                      "publish", "command line", flags_of(args))
     cfg = resolve("publish", given)
     if cfg.push:
-        check_push(cfg.push, dry_run=cfg.dry_run)
-    elif cfg.dry_run or cfg.private:
-        raise UserError("--dry-run and --private only apply with --push REPO_ID")
+        check_push(cfg.push, dry_run=cfg.dry_run, create_pr=cfg.create_pr, tag=cfg.tag)
+    elif cfg.dry_run or cfg.private or cfg.revision or cfg.create_pr or cfg.tag:
+        raise UserError("--dry-run, --private, --revision, --create-pr and --tag only apply with --push REPO_ID")
     hub = hub_dir(cfg, wd)
     if not args.no_write:
         datasets = cfg.get("datasets") or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
@@ -207,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")
         try:
             infos = publish(wd, datasets, hub, cfg.max_shard_mb,
-                            card_extra={"pretty_name": cfg.pretty_name, "repo_id": cfg.push})
+                            card_extra={"pretty_name": cfg.pretty_name, "repo_id": cfg.push}, mode=cfg.mode)
         except ValueError as e:
             raise UserError(str(e)) from None
         for ds, info in infos.items():
@@ -215,7 +313,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"published -> {hub}  (load: datasets.load_dataset({str(hub)!r}, {datasets[0]!r}, "
               f"split={infos[datasets[0]]['splits'][0]['split']!r}))")
     if cfg.push:
-        push_folder(hub, cfg.push, private=cfg.private, dry_run=cfg.dry_run)
+        if args.no_write and (hub / "README.md").exists():  # the mode the folder was written in decides gating
+            cfg["mode"] = (load_card_yaml(hub).get("dbr_builder") or {}).get("mode", "full")
+        push_folder(hub, cfg.push, **_push_options(cfg))
     return 0
 
 
