@@ -7,6 +7,7 @@ import logging
 import sys
 
 from dbr_builder import __version__, pipeline
+from dbr_builder.core.sanitize import redact
 from dbr_builder.errors import ConfigError, UserError, describe_os_error
 from dbr_builder.log import setup_logging
 
@@ -42,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except (ConfigError, UserError) as e:
-        print(f"dbr {args.verb}: error: {e}", file=sys.stderr)
+        print(f"dbr {args.verb}: error: {redact(str(e))}", file=sys.stderr)  # never echo a pasted key
         return 1
     except OSError as e:
         # Unwritable / missing / wrong-kind paths (a file where a folder is needed, a read-only
         # disk, a full disk): the OS names the path; no traceback from deep inside pathlib.
-        print(f"dbr {args.verb}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"dbr {args.verb}: error: {redact(describe_os_error(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"dbr {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)

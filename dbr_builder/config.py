@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -61,16 +62,34 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(resource_path("schemas", name).read_text(encoding="utf-8"))
 
 
+def non_finite(obj: Any, path: list[Any] | None = None) -> list[tuple[list[Any], float]]:
+    """``(path, value)`` of every NaN or infinite number in ``obj`` (JSON Schema's bounds let NaN pass)."""
+    path = path or []
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [(path, obj)]
+    if isinstance(obj, dict):
+        return [hit for k, v in obj.items() for hit in non_finite(v, [*path, k])]
+    if isinstance(obj, list):
+        return [hit for i, v in enumerate(obj) for hit in non_finite(v, [*path, i])]
+    return []
+
+
+def _message(e: Any) -> str:
+    """A schema error's message; a value that fails a ``pattern`` is not echoed (it may be a pasted key)."""
+    if e.validator == "pattern" and isinstance(e.instance, str):
+        return f"the value does not match {e.validator_value!r}"
+    return e.message
+
+
 def validate(obj: Any, schema: dict[str, Any], source: str, prefix: list[Any] | None = None) -> None:
-    """Validate ``obj``; raise ConfigError listing every bad field by path."""
+    """Validate ``obj``; raise ConfigError listing every bad field by path (NaN / infinity refused)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = [
-            f"  {format_path((prefix or []) + list(e.absolute_path))}: {e.message}" for e in errors[:20]
-        ]
+    lines = [f"  {format_path((prefix or []) + p)}: {v} is not a finite number" for p, v in non_finite(obj)]
+    lines += [f"  {format_path((prefix or []) + list(e.absolute_path))}: {_message(e)}" for e in errors[:20]]
+    if lines:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
 
 
@@ -91,14 +110,15 @@ def validate_options(opts: dict[str, Any], stage: str, source: str, flags: dict[
     schema = {k: v for k, v in schema.items() if k != "required"}
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj),
                     key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
+    bad = [(p, f"{v} is not a finite number") for p, v in non_finite(opts)]
+    bad += [(list(e.absolute_path), _message(e)) for e in errors[:20]]
+    if bad:
         lines = []
-        for e in errors[:20]:
-            path = list(e.absolute_path)
+        for path, msg in bad:
             where = format_path(path)
             if path and flags and path[0] in flags:
                 where = flags[path[0]]  # e.g. trial_seeds[0] was set by --trial-seed
-            lines.append(f"  {where}: {e.message}")
+            lines.append(f"  {where}: {msg}")
         raise ConfigError(f"{source}: invalid option(s)\n" + "\n".join(lines))
 
 

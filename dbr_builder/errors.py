@@ -29,6 +29,8 @@ def describe_os_error(e: OSError) -> str:
         errno.EEXIST: "a file is in the way of a folder; choose another path or move the file",
         errno.EISDIR: "this is a folder; give a file",
         errno.ENOSPC: "the disk is full; free space and rerun (finished work is kept)",
+        errno.EDQUOT: "the disk quota is used up; free space and rerun (finished work is kept)",
+        errno.EFBIG: "the file is too large for this file system; choose another folder",
         errno.ENOENT: "check the path",
     }.get(e.errno or 0, "check the path")
     return f"{where}: {e.strerror}; {hint}"

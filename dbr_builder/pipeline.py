@@ -20,6 +20,7 @@ from typing import Any
 from dbr_builder.config import load_pipeline
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic, write_text_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.errors import ConfigError
 from dbr_builder.log import get_logger
 from dbr_builder.stages import download, filter, generate, index, publish, synth, view
@@ -95,6 +96,8 @@ def plan(pipe: dict[str, Any], workdir: Path) -> list[Unit]:
             if not datasets:
                 raise ConfigError(f"stage `{name}` runs per dataset: give it `dataset:` or set top-level `datasets:`")
             for ds in datasets:
+                wdl.check_name(ds)
+            for ds in datasets:
                 c = {k: v for k, v in cfg.items() if k != "datasets"}
                 c["dataset"] = ds
                 units.append(Unit(name, stage, c, ds))
@@ -136,6 +139,26 @@ def run_pipeline(
     wd = Path(workdir or pipe.get("workdir") or "work")
     wd.mkdir(parents=True, exist_ok=True)
     units = plan(pipe, wd)
+    with stage_lock(wd, "run", f"`dbr run {path}`"):
+        return _run_units(path, units, wd, start, until, force, log)
+
+
+def _read_stamp(stamp_file: Path, log) -> dict[str, Any] | None:
+    """A unit's stamp, or None when missing or unreadable (a corrupt stamp only means: run again)."""
+    if not stamp_file.exists():
+        return None
+    try:
+        stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
+        if not isinstance(stamp, dict):
+            raise ValueError("not a JSON object")
+        return stamp
+    except (ValueError, UnicodeDecodeError) as e:
+        log(f"note: {stamp_file}: corrupt stamp ({e}); ignoring it, the stage runs again")
+        return None
+
+
+def _run_units(path: str | Path, units: list[Unit], wd: Path, start: str | None, until: str | None,
+               force: bool, log) -> dict[str, Any]:
     selected = _select(units, start, until)
     # The pipeline as written (variables unexpanded, so no secret from the environment): card provenance.
     text, copy = Path(path).read_text(encoding="utf-8"), wdl.pipeline_copy_path(wd)
@@ -155,7 +178,7 @@ def run_pipeline(
             "inputs": tree_fingerprint(in_paths),
         }
         stamp_file = stamps / f"{unit.stamp_name}.json"
-        stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else None
+        stamp = _read_stamp(stamp_file, log)
         fresh = (
             stamp is not None
             and stamp.get("key") == key
@@ -170,8 +193,7 @@ def run_pipeline(
         else:
             log(f"[run ] {unit.label}")
             t0 = time.perf_counter()
-            if stamp_file.exists():
-                stamp_file.unlink()  # a crash mid-stage must not leave a stale "fresh" stamp
+            stamp_file.unlink(missing_ok=True)  # a crash mid-stage must not leave a stale "fresh" stamp
             summary = mod.run(unit.cfg, wd)
             write_json_atomic(
                 stamp_file,

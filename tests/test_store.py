@@ -51,6 +51,8 @@ def test_read_results_and_merge_across_shards(tmp_path: Path) -> None:
     with store.Store(store.shard_file(tmp_path, ds, 0, 2)) as a, store.Store(store.shard_file(tmp_path, ds, 1, 2)) as b:
         a.add([_row("k1", "one", image="i1"), _row("k2", None, "http 429: slow", image="i2")])
         b.add([_row("k3", "three", image="i3"), _row("k2", "two", image="i2")])
+        a.set_state("complete", "{}")  # what a finished `dbr generate --shard` leaves
+        b.set_state("complete", "{}")
     df = store.read_results(tmp_path, ds)
     assert df.columns == list(store.COLUMNS)
     assert df.height == 3 and df["error"].null_count() == 3  # the good k2 wins over the error row

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbr_builder.core.fsutil import atomic_dir
+from dbr_builder.core.fsutil import atomic_dir, remove_temps, write_text_atomic
 from dbr_builder.errors import UserError
 from trainers.data import KIND_CLS, KIND_REASON, Example, SampleEncoder, collate, pad_token_id
 from trainers.loss import AnswerNLL, per_image_loss
@@ -198,6 +198,28 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> i
 # ---------------------------------------------------------------------------------------------
 
 
+def trim_log(log_path: Path, last_step: int) -> None:
+    """Keep only the records of steps ``<= last_step`` in ``log.jsonl`` (atomically).
+
+    A run killed after logging steps past its last checkpoint replays them on resume; without
+    this, those steps would be logged twice. A torn last line (killed mid-write) is dropped.
+    """
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+            keep.append(line + "\n")
+    if keep:
+        write_text_atomic(log_path, "".join(keep))
+    else:
+        log_path.unlink()
+
+
 def use_gradient_checkpointing(lc: LoopConfig) -> bool:
     if lc.gradient_checkpointing == "auto":
         return torch.cuda.is_available()
@@ -250,6 +272,8 @@ def train_stage(
         log(f"[{desc}] resuming from checkpoint at step {start}/{total} ({ckpt})")
     elif (work / CKPT).exists():
         shutil.rmtree(work / CKPT)
+    if accelerator.is_main_process:
+        remove_temps(work, CKPT)  # half-written checkpoints of a killed run
 
     wrapped = AnswerNLL(model, fast=lc.fast_head)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
@@ -261,6 +285,8 @@ def train_stage(
 
     result = StageResult(steps=total, resumed_from=start)
     log_path = work / "log.jsonl"
+    if accelerator.is_main_process:
+        trim_log(log_path, start)  # steps after the checkpoint are replayed: log them once
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not accelerator.is_main_process)
     t0 = time.perf_counter()
     step = start

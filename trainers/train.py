@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from dbr_builder.config import (
 )
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import load_manifest, manifest_paths, manifest_splits
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
 from dbr_builder.stages.publish.push import check_push
@@ -55,7 +58,7 @@ def _datasets(cfg: dict[str, Any]) -> list[str]:
     ds = [cfg["dataset"]] if cfg.get("dataset") else list(cfg.get("datasets") or [])
     if not ds:
         raise ConfigError("train: no dataset; set `datasets:` in the pipeline or pass --dataset")
-    return ds
+    return [check_name(d) for d in ds]
 
 
 def _data_source(cfg: dict[str, Any], workdir: Path) -> str:
@@ -498,6 +501,14 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     check_student(c["student"])
     check_report_to(c["report_to"])
     _sarr_config(c)  # sampling a backend would reject fails here, before any model loads
+    check_name(c["run"], "run name")
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP: rank 0 holds the lock for the whole job
+        return _run(c, workdir)
+    with stage_lock(workdir, f"train-{c['run']}", f"train (run {c['run']})"):
+        return _run(c, workdir)
+
+
+def _run(c: dict[str, Any], workdir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for ds in _datasets(c):
         by_domain = load_published(_data_source(c, workdir), ds)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from dbr_builder.core.sanitize import redact
 from dbr_builder.errors import ConfigError, UserError
 
 
@@ -172,9 +173,18 @@ def split_spec(spec: str) -> list[str]:
     return parts
 
 
+def _mask_head(head: str) -> str:
+    """A spec's ``kind:target`` for messages: URL credentials and key-shaped text masked; a head
+    whose kind is not even word-like (a key pasted into ``--teacher``) is masked whole."""
+    kind = head.partition(":")[0].strip().lower()
+    if kind not in KINDS and not re.fullmatch(r"[a-z][a-z0-9_-]{0,11}", kind):
+        return "***"
+    return redact(re.sub(r"//[^/@\s]+@", "//***@", head)) or head
+
+
 def redact_spec_simple(spec: str) -> str:
     """The spec's head only (used while the spec cannot even be split)."""
-    return re.sub(r"//[^/@\s]+@", "//***@", spec.split(",", 1)[0]) + (",..." if "," in spec else "")
+    return _mask_head(spec.split(",", 1)[0]) + (",..." if "," in spec else "")
 
 
 _SECRET_KEY = re.compile(r"(key|token|secret|password)", re.I)
@@ -192,7 +202,9 @@ def redact_spec(spec: Any) -> str:
         head, *opts = split_spec(spec)
     except BackendError:
         return redact_spec_simple(spec)
-    head = re.sub(r"//[^/@\s]+@", "//***@", head)
+    head = _mask_head(head)
+    if head == "***":
+        return head
     # A bare value (no key=) may be a pasted key: never echo it either.
     masked = [o if "=" in o and not _SECRET_KEY.search(o.partition("=")[0]) else
               (f"{o.partition('=')[0]}=***" if "=" in o else "***") for o in opts]
@@ -207,8 +219,9 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     kind, _, target = head.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
+        shown = redact_spec(spec)
         raise BackendError(
-            f"teacher spec {redact_spec(spec)!r}: unknown backend {kind!r}; use one of "
+            f"teacher spec {shown!r}: unknown backend{'' if shown == '***' else f' {kind!r}'}; use one of "
             "vllm:<model>, openai:<model>@<base_url>, hf:<model_or_path>, oracle"
         )
     options: dict[str, Any] = {}

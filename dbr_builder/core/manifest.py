@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from dbr_builder.config import load_schema
 from dbr_builder.core.fsutil import read_parquet
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import UserError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively
@@ -45,20 +47,114 @@ def find_classes(domain_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(domain_dir) if e.is_dir())
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def decodable(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (Python holds it with surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str) -> str:
+    """A printable form of a path that may hold undecodable bytes (shown as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def walk_class(domain_dir: Path, cls: str, root: str | Path | None = None,
+               ) -> tuple[list[tuple[str, str | None]], list[tuple[str, str]]]:
+    """The image files of one class folder, walked safely, in ImageFolder's order.
+
+    Returns ``(files, skipped_folders)``: ``files`` are ``(path relative to domain_dir,
+    reason or None)``, where a reason marks a file ImageFolder would list but that must not
+    be read (a link leaving ``root``, a FIFO or other non-regular file, an undecodable name,
+    a broken link); ``skipped_folders`` are ``(relative path, reason)`` of folders not
+    walked (a link leaving ``root``, a link loop, an undecodable name). A link that stays
+    inside ``root`` (default: the domain's parent, the dataset folder) is followed, and each
+    real folder is walked at most once.
+    """
+    real_root = os.path.realpath(root if root is not None else Path(domain_dir).parent)
+    base = os.path.join(domain_dir, cls)
+    walked: list[tuple[str, list[tuple[str, str | None]]]] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [base]
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, domain_dir)
+
+    while stack:
+        d = stack.pop()
+        real_d = os.path.realpath(d)
+        if not _inside(real_d, real_root):
+            skipped.append((rel(d), f"folder link leads out of the dataset folder (to {shown(real_d)})"))
+            continue
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append((rel(d), "folder link loop (this folder was already walked)"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files: list[tuple[str, str | None]] = []
+        subdirs: list[str] = []
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel(d), f"unreadable folder: {e.strerror or e}"))
+            continue
+        for e in entries:
+            full = os.path.join(d, e.name)
+            try:
+                is_dir = e.is_dir()  # follows links, as os.walk(followlinks=True) does
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not decodable(e.name):
+                    skipped.append((rel(full), "folder name is not valid UTF-8"))
+                else:
+                    subdirs.append(full)
+                continue
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            reason = None
+            if not decodable(e.name):
+                reason = "file name is not valid UTF-8; rename it"
+            elif e.is_symlink() and not _inside(os.path.realpath(full), real_root):
+                reason = "link leads out of the dataset folder"
+            else:
+                try:
+                    mode = os.stat(full).st_mode
+                    if not stat.S_ISREG(mode):
+                        reason = "not a regular file (FIFO, socket or device)"
+                except OSError:
+                    reason = "broken link"
+            files.append((e.name, reason))
+        walked.append((d, files))
+        stack.extend(reversed(subdirs))  # sorted order: first subfolder walked first
+    out: list[tuple[str, str | None]] = []
+    for d, files in sorted(walked):  # os.walk's listing, sorted by folder as ImageFolder does
+        out.extend((rel(os.path.join(d, name)), reason) for name, reason in files)
+    return out, skipped
+
+
 def list_images(domain_dir: Path, classes: list[str]) -> list[tuple[str, str]]:
-    """(relative path from the domain folder, class) in ImageFolder's ``make_dataset`` order."""
+    """(relative path from the domain folder, class) in ImageFolder's ``make_dataset`` order.
+
+    Only files that can be read safely (see :func:`walk_class`).
+    """
     out: list[tuple[str, str]] = []
     for cls in classes:
-        base = domain_dir / cls
-        for root, _, fnames in sorted(os.walk(base, followlinks=True)):
-            for fname in sorted(fnames):
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    out.append((os.path.relpath(os.path.join(root, fname), domain_dir), cls))
+        files, _ = walk_class(domain_dir, cls)
+        out.extend((r, cls) for r, why in files if why is None)
     return out
 
 
 def manifest_paths(workdir: str | Path, dataset: str) -> tuple[Path, Path, Path]:
     """(parquet, meta JSON, quarantine JSONL) paths of a dataset's manifest."""
+    check_name(dataset)
     d = Path(workdir) / "manifest"
     return d / f"{dataset}.parquet", d / f"{dataset}.json", d / f"{dataset}.quarantine.jsonl"
 

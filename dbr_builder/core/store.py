@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core.sanitize import clean_text, redact
+from dbr_builder.core.workdir import generations_dir
 from dbr_builder.errors import UserError
 
 COLUMNS = (
@@ -52,6 +54,9 @@ CREATE TABLE IF NOT EXISTS results (
 );
 -- The resume scan reads only this small index, never the row pages holding the texts.
 CREATE INDEX IF NOT EXISTS results_done ON results(request_key) WHERE error IS NULL;
+-- Run state; key 'complete' is set when a generate run over this file ended (the shard's
+-- completion marker: it travels with the file when a shard is copied to another node).
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 # A good row is final; an error row is replaced by the next attempt (good or not).
@@ -108,13 +113,15 @@ class Row:
     error: str | None = None
 
     def values(self, now: float) -> tuple:
+        # Text from a backend may hold lone surrogates (refused by SQLite) or an echoed secret.
         return (self.request_key, self.image_id, self.prompt_name, self.prompt_id, self.model, self.params,
-                self.sample_index, self.text, self.finish_reason, self.out_tokens, self.error, now)
+                self.sample_index, clean_text(self.text), self.finish_reason, self.out_tokens,
+                clean_text(redact(self.error)), now)
 
 
 def store_dir(workdir: str | os.PathLike[str], dataset: str) -> Path:
     """``W/generations/<Dataset>``."""
-    return Path(workdir) / "generations" / dataset
+    return generations_dir(workdir, dataset)
 
 
 def shard_file(workdir: str | os.PathLike[str], dataset: str, shard: int = 0, num_shards: int = 1) -> Path:
@@ -133,6 +140,20 @@ def store_files(workdir: str | os.PathLike[str], dataset: str) -> list[Path]:
 
 def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Exception:
     """The user-facing error for a store file that is not a readable SQLite store."""
+    msg = str(e).lower()
+    try:
+        no_space = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        no_space = False
+    if "disk is full" in msg or (no_space and ("i/o" in msg or "unable to open" in msg)):
+        return UserError(f"{path}: the disk is full ({e}); free space and rerun (stored work is kept)")
+    if "readonly" in msg or "read-only" in msg:
+        return UserError(f"{path}: cannot write the store ({e}); the folder or file system is read-only: "
+                         "make it writable or use another --workdir (stored work is kept)")
+    if "unable to open" in msg:
+        return UserError(f"{path}: cannot open the store ({e}); check that the folder exists and is writable")
+    if "locked" in msg:
+        return UserError(f"{path}: the store is locked by another process ({e}); wait for it and rerun")
     remedy = remedy or (f"move it away (e.g. `mv {path} {path}.bad`) and rerun `dbr generate`, "
                         "which regenerates what it held")
     return UserError(f"{path}: not a usable generation store ({e}); {remedy}")
@@ -141,6 +162,17 @@ def _unusable(path: Path, e: sqlite3.Error, remedy: str | None = None) -> Except
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            con.close()
+            # Reading a WAL-mode file needs a -shm file beside it, which a full or read-only
+            # disk cannot hold. With no WAL content left (every writer closed cleanly), the
+            # main file is the whole store: read it as immutable instead.
+            wal = Path(f"{path}-wal")
+            if not isinstance(e, sqlite3.OperationalError) or (wal.exists() and wal.stat().st_size > 0):
+                raise _unusable(path, e) from None
+            con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=60)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():  # SQLite would create it 0644 whatever the umask (and its -wal/-shm alike)
@@ -164,6 +196,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self._clear_on_write = False
         try:
             self.con = _connect(self.path)
         except sqlite3.DatabaseError as e:
@@ -185,13 +218,43 @@ class Store:
             return
         now = time.time()
         con = self.con
-        con.execute("BEGIN IMMEDIATE")
+        values = [r.values(now) for r in rows]
         try:
-            con.executemany(_UPSERT, [r.values(now) for r in rows])
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                if self._clear_on_write:
+                    con.execute("DELETE FROM state WHERE key = 'complete'")
+                con.executemany(_UPSERT, values)
+                con.execute("COMMIT")
+                self._clear_on_write = False
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:  # disk full, read-only file system
+            raise _unusable(self.path, e) from None
+
+    def incomplete_on_write(self) -> None:
+        """Clear the completion marker with the next batch written (a run that only finds its work
+        done leaves the file untouched)."""
+        self._clear_on_write = True
+
+    def get_state(self, key: str) -> str | None:
+        """A run-state entry, or None."""
+        row = self.con.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str | None) -> None:
+        """Set (or with None, clear) a run-state entry (e.g. the ``complete`` marker); no write if unchanged."""
+        if self.get_state(key) == value:
+            return
+        try:
+            if value is None:
+                self.con.execute("DELETE FROM state WHERE key = ?", (key,))
+            else:
+                self.con.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))
+        except sqlite3.OperationalError as e:
+            raise _unusable(self.path, e) from None
 
     def done_keys(self) -> set[str]:
         """Keys stored without error (the resume scan)."""
@@ -210,17 +273,26 @@ class Store:
         return int(good), int(bad)
 
 
+def done_keys_of(path: str | os.PathLike[str]) -> set[str]:
+    """Keys stored without error in one store file."""
+    f = Path(path)
+    try:
+        con = _connect(f, readonly=True)
+    except sqlite3.DatabaseError as e:
+        raise _unusable(f, e) from None
+    try:
+        return {k for (k,) in con.execute("SELECT request_key FROM results WHERE error IS NULL")}
+    except sqlite3.DatabaseError as e:
+        raise _unusable(f, e) from None
+    finally:
+        con.close()
+
+
 def done_keys(workdir: str | os.PathLike[str], dataset: str) -> set[str]:
     """Keys stored without error in any of a dataset's store files."""
     keys: set[str] = set()
     for f in store_files(workdir, dataset):
-        con = _connect(f, readonly=True)
-        try:
-            keys.update(k for (k,) in con.execute("SELECT request_key FROM results WHERE error IS NULL"))
-        except sqlite3.DatabaseError as e:
-            raise _unusable(f, e) from None
-        finally:
-            con.close()
+        keys |= done_keys_of(f)
     return keys
 
 
@@ -260,13 +332,41 @@ def read_results(workdir: str | os.PathLike[str], dataset: str):
     return df.sort(["image_id", "prompt_name", "model", "sample_index", "request_key"])
 
 
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether the generate run that wrote store file ``path`` ended (its completion marker)."""
+    con = _connect(Path(path), readonly=True)
+    try:
+        row = con.execute("SELECT value FROM state WHERE key = 'complete'").fetchone()
+    except sqlite3.OperationalError:
+        return False  # a store written before markers existed, or not finished
+    except sqlite3.DatabaseError as e:
+        raise _unusable(Path(path), e) from None
+    finally:
+        con.close()
+    return row is not None
+
+
+class UnfinishedShard(UserError):
+    """A shard store to merge has no completion marker (its run is still going or was killed)."""
+
+
 def merge(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]],
-          remove: bool | Sequence[bool] = True) -> dict[str, int]:
+          remove: bool | Sequence[bool] = True, require_complete: bool = True) -> dict[str, int]:
     """Fold store files ``sources`` into ``dest`` (created if needed); idempotent.
 
+    Every source must carry the completion marker of its generate run (``require_complete``):
+    merging a shard that is still being written would lose the rows it writes afterwards.
     Each source is merged in one transaction and only then (optionally) deleted, so a
     crash mid-merge is repaired by running the merge again.
     """
+    if require_complete:
+        dest_r = Path(dest).resolve()
+        for src in sources:
+            src = Path(src)
+            if src.exists() and src.resolve() != dest_r and not is_complete(src):
+                raise UnfinishedShard(
+                    f"{src}: this shard's `dbr generate` run has not finished (no completion marker); "
+                    "wait for it, or rerun that shard's command to finish it (stored work is kept), then merge")
     dest = Path(dest)
     added = 0
     merged = 0

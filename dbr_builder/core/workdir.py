@@ -23,7 +23,23 @@ import os
 import re
 from pathlib import Path
 
+from dbr_builder.errors import UserError
+
 PathLike = str | os.PathLike[str]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(name: object, what: str = "dataset name") -> str:
+    """``name`` if it is a plain name (it becomes one path component); UserError otherwise.
+
+    Dataset and run names are names, never paths: ``../x``, ``/abs/x``, ``a/b``, ``.hidden``
+    and the empty string are refused, so no name can place a file outside the work directory.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UserError(f"{what} {name!r} is not a valid name: use letters, digits and . _ + - "
+                        "(starting with a letter or digit, e.g. PACS), not a path")
+    return name
 
 
 def raw_dir(workdir: PathLike) -> Path:
@@ -38,6 +54,7 @@ def manifest_dir(workdir: PathLike) -> Path:
 
 def generations_dir(workdir: PathLike, dataset: str) -> Path:
     """``W/generations/<Dataset>``: the teacher's result store."""
+    check_name(dataset)
     return Path(workdir) / "generations" / dataset
 
 
@@ -48,16 +65,19 @@ def chains_dir(workdir: PathLike) -> Path:
 
 def chains_path(workdir: PathLike, dataset: str) -> Path:
     """``W/chains/<Dataset>.parquet``: one kept chain per image."""
+    check_name(dataset)
     return chains_dir(workdir) / f"{dataset}.parquet"
 
 
 def rejects_path(workdir: PathLike, dataset: str) -> Path:
     """``W/chains/<Dataset>.rejects.parquet``: every rejected candidate with its reason."""
+    check_name(dataset)
     return chains_dir(workdir) / f"{dataset}.rejects.parquet"
 
 
 def reports_dir(workdir: PathLike, dataset: str) -> Path:
     """``W/reports/<Dataset>``."""
+    check_name(dataset)
     return Path(workdir) / "reports" / dataset
 
 
@@ -78,11 +98,13 @@ def hub_dir(workdir: PathLike) -> Path:
 
 def runs_dir(workdir: PathLike, run: str) -> Path:
     """``W/runs/<run>``."""
+    check_name(run, "run name")
     return Path(workdir) / "runs" / run
 
 
 def seed_dir(workdir: PathLike, run: str, dataset: str, heldout: str, seed: int) -> Path:
     """``W/runs/<run>/<Dataset>/<heldout_safe>/seed<k>``: one LODO training unit."""
+    check_name(dataset)
     return runs_dir(workdir, run) / dataset / safe_split_name(heldout) / f"seed{seed}"
 
 

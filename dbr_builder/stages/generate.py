@@ -15,7 +15,10 @@ ahead of the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,9 +38,20 @@ from dbr_builder.config import (
 )
 from dbr_builder.core.fsutil import write_json_atomic
 from dbr_builder.core.imageprep import parallel_map, prefetch, prepare_content
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.core.prompts import fields, prompt_id, teacher_prompt
-from dbr_builder.core.store import Row, Store, merge_dataset, params_json, request_key, shard_file, store_dir
+from dbr_builder.core.store import (
+    Row,
+    Store,
+    done_keys_of,
+    merge_dataset,
+    params_json,
+    request_key,
+    shard_file,
+    store_dir,
+    store_files,
+)
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import show_progress
 
@@ -84,7 +98,7 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
              batch_size: int = 64, passes: int = 2, max_pixels: int | None = None,
              prep_workers: int | None = None, progress: bool = True, desc: str = "generate",
              on_batch: Callable[[int], None] | None = None, max_error_share: float | None = 0.25,
-             error_check_after: int = 64) -> dict[str, Any]:
+             error_check_after: int = 64, done_extra: set[str] | None = None) -> dict[str, Any]:
     """Generate the missing candidates of ``jobs`` into ``store``; return a summary.
 
     ``sampling`` holds ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed``; with
@@ -95,6 +109,8 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     ``error_check_after`` requests were sent, a share of failed requests above
     ``max_error_share`` stops the run with :class:`TooManyErrors` (the batches already done,
     errors included, are stored) instead of recording thousands of identical errors.
+    ``done_extra``: keys stored elsewhere (the merged store, for a shard rerun after a merge)
+    that count as done.
     """
     from tqdm import tqdm
 
@@ -105,7 +121,7 @@ def run_jobs(store: Store, backend: Backend, jobs: Sequence[Job], n: int, sampli
     t0 = time.perf_counter()
     params = params_json(sampling)
     model = backend.model
-    done = store.done_keys()
+    done = store.done_keys() | (done_extra or set())
     pending: list[tuple[Job, list[tuple[int, str]]]] = []
     already = 0
     for job in jobs:
@@ -298,30 +314,64 @@ def summary_file(workdir: Path, dataset: str, shard: int, num_shards: int) -> Pa
     return f.with_name(f.stem.replace("results", "summary") + ".json")
 
 
+def lock_name(dataset: str, shard: int = 0, num_shards: int = 1) -> str:
+    """The stage lock of the store file one generate run writes (see :mod:`dbr_builder.core.locks`)."""
+    return f"generate-{dataset}" if num_shards <= 1 else f"generate-{dataset}-{shard:05d}-of-{num_shards:05d}"
+
+
+def _shard_lock_of(path: Path, dataset: str) -> str | None:
+    m = re.fullmatch(r"results-(\d+)-of-(\d+)\.sqlite", path.name)
+    return lock_name(dataset, int(m.group(1)), int(m.group(2))) if m else None
+
+
+def merge_shards(workdir: Path, dataset: str, extra: Sequence[str | Path] = ()) -> dict[str, int]:
+    """``merge_dataset`` under the locks of the merged store and of every local shard.
+
+    A shard still being written here (its lock held) or whose run did not finish (no
+    completion marker) is refused with an error naming it; nothing is merged then.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(stage_lock(workdir, lock_name(dataset), f"generate {dataset} (merge)"))
+        for f in store_files(workdir, dataset):
+            name = _shard_lock_of(f, dataset)
+            if name:
+                stack.enter_context(stage_lock(workdir, name, f"generate {dataset} shard {f.name}"))
+        return merge_dataset(workdir, dataset, extra)
+
+
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The stage: generate (this shard of) a dataset's candidates; optionally merge shards."""
     c = _full_cfg(cfg)
     workdir = Path(workdir)
     ds = c["dataset"]
+    shard, num = int(c["shard"]), int(c["num_shards"])
     df, meta = load_manifest(workdir, ds)
     df = select_rows(df, c)
     jobs = build_jobs(df, meta, c["prompt"])
-    backend = make_backend(c["teacher"], **(c.get("teacher_options") or {}))
-    path = shard_file(workdir, ds, int(c["shard"]), int(c["num_shards"]))
-    try:
-        with Store(path) as st:
-            summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
-                               passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
-                               prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
-                               desc=f"generate {ds}" + (f" [{c['shard']}/{c['num_shards']}]" if c["num_shards"] > 1 else ""),
-                               **_error_limits(c))
-    finally:
-        close_backend(backend)
-    summary = {"dataset": ds, "prompt": c["prompt"], "shard": c["shard"], "num_shards": c["num_shards"],
-               "store": str(path), **summary}
-    if c.get("merge") and int(c["num_shards"]) == 1:
-        summary["merge"] = merge_dataset(workdir, ds)
-    write_json_atomic(summary_file(workdir, ds, int(c["shard"]), int(c["num_shards"])), summary)
+    path = shard_file(workdir, ds, shard, num)
+    with stage_lock(workdir, lock_name(ds, shard, num), f"generate {ds}" + (f" shard {shard}/{num}" if num > 1 else "")):
+        # A shard rerun after a merge: what the merged store holds is done, not to redo.
+        merged = shard_file(workdir, ds)
+        extra_done = done_keys_of(merged) if num > 1 and merged.exists() else None
+        backend = make_backend(c["teacher"], **(c.get("teacher_options") or {}))
+        try:
+            with Store(path) as st:
+                st.incomplete_on_write()  # a run in progress: merge refuses this file until it ends
+                summary = run_jobs(st, backend, jobs, int(c["n"]), _sampling(c), batch_size=int(c["batch_size"]),
+                                   passes=int(c["passes"]), max_pixels=c.get("max_pixels"),
+                                   prep_workers=c.get("prep_workers"), progress=bool(c["progress"]),
+                                   desc=f"generate {ds}" + (f" [{shard}/{num}]" if num > 1 else ""),
+                                   done_extra=extra_done, **_error_limits(c))
+                st.set_state("complete", json.dumps({"images": summary["images"],
+                                                     "failed_images": summary["failed_images"]}))
+        finally:
+            close_backend(backend)
+        summary = {"dataset": ds, "prompt": c["prompt"], "shard": c["shard"], "num_shards": c["num_shards"],
+                   "store": str(path), **summary}
+        write_json_atomic(summary_file(workdir, ds, shard, num), summary)
+    if c.get("merge") and num == 1:
+        summary["merge"] = merge_shards(workdir, ds)
+        write_json_atomic(summary_file(workdir, ds, shard, num), summary)
     return summary
 
 
@@ -401,7 +451,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     try:
         if args.merge and not args.teacher:
-            res = merge_dataset(workdir, args.dataset, args.merge_from)
+            res = merge_shards(workdir, args.dataset, args.merge_from)
             print(f"merged {res['files']} store file(s) into {workdir / 'generations' / args.dataset}/results.sqlite "
                   f"({res['new_rows']} new rows)")
             return 0
@@ -412,7 +462,7 @@ def main(args: argparse.Namespace) -> int:
         validate_options({k: v for k, v in cfg.items() if k != "teacher"}, "generate", "command line", flags_of(args))
         s = run(cfg, workdir)
         if args.merge and (args.num_shards or 1) == 1 and args.merge_from:
-            merge_dataset(workdir, args.dataset, args.merge_from)
+            merge_shards(workdir, args.dataset, args.merge_from)
     except (BackendError, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_summary(s))

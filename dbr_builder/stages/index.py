@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,16 +30,20 @@ from dbr_builder.config import (
     validate_options,
 )
 from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import (
     IMG_EXTENSIONS,
     MANIFEST_COLUMNS,
     ROW_SCHEMA,
     check_rows,
+    decodable,
     find_classes,
     holdout_keys,
-    list_images,
     manifest_paths,
+    shown,
+    walk_class,
 )
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import UserError
 from dbr_builder.log import show_progress
 from dbr_builder.stages.download import dataset_folder
@@ -65,27 +70,50 @@ def dataset_dir(root: str | Path, dataset: str) -> Path:
     )
 
 
-def scan_layout(ds_dir: Path) -> tuple[list[str], list[str], dict[str, list[tuple[str, str]]]]:
-    """Check the DomainBed layout; return (domains, classes, {domain: [(rel path, class)]})."""
+def _check_folder(path: Path, real_root: str, what: str) -> None:
+    if not decodable(path.name):
+        raise LayoutError(f"{shown(str(path))}: {what} folder name is not valid UTF-8; rename it")
+    real = os.path.realpath(path)
+    if not (real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)):
+        raise LayoutError(f"{path}: {what} folder is a link out of the dataset folder (to {shown(real)}); "
+                          "move the files into the dataset folder")
+
+
+def scan_layout(ds_dir: Path) -> tuple[list[str], list[str], dict[str, list[tuple[str, str, str | None]]],
+                                       list[dict[str, Any]]]:
+    """Check the DomainBed layout and walk it safely.
+
+    Returns (domains, classes, {domain: [(rel path, class, skip reason or None)]}, skipped
+    folders as quarantine records). Links are followed only while they stay inside the
+    dataset folder (see :func:`dbr_builder.core.manifest.walk_class`).
+    """
+    real_root = os.path.realpath(ds_dir)
     domains = sorted(e.name for e in os.scandir(ds_dir) if e.is_dir() and not e.name.startswith("."))
     if not domains:
         raise LayoutError(f"{ds_dir}: no domain folders; expected {ds_dir}/<domain>/<class>/<image>")
-    per_domain: dict[str, list[tuple[str, str]]] = {}
+    per_domain: dict[str, list[tuple[str, str, str | None]]] = {}
     class_sets: dict[str, list[str]] = {}
+    skipped: list[dict[str, Any]] = []
     for dom in domains:
         ddir = ds_dir / dom
+        _check_folder(ddir, real_root, "domain")
         stray = sorted(e.name for e in os.scandir(ddir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
         if stray:
             raise LayoutError(
-                f"{ddir}: images directly in a domain folder ({stray[0]}, ...); expected {ddir}/<class>/<image>"
+                f"{ddir}: images directly in a domain folder ({shown(stray[0])}, ...); expected {ddir}/<class>/<image>"
             )
         classes = find_classes(ddir)
         if not classes:
             raise LayoutError(f"{ddir}: domain has no class folders; expected {ddir}/<class>/<image>")
-        files = list_images(ddir, classes)
+        files: list[tuple[str, str, str | None]] = []
         counts = {c: 0 for c in classes}
-        for _, c in files:
-            counts[c] += 1
+        for c in classes:
+            _check_folder(ddir / c, real_root, "class")
+            found, skipped_dirs = walk_class(ddir, c, real_root)
+            files.extend((r, c, why) for r, why in found)
+            counts[c] += sum(why is None for _, why in found)
+            skipped.extend({"path": Path(dom, shown(r)).as_posix(), "domain": dom, "class_name": c, "reason": why}
+                           for r, why in skipped_dirs)
         empty = [c for c, n in counts.items() if n == 0]
         if empty:
             raise LayoutError(f"{ddir / empty[0]}: class folder has no images (empty classes: {', '.join(empty)})")
@@ -99,7 +127,7 @@ def scan_layout(ds_dir: Path) -> tuple[list[str], list[str], dict[str, list[tupl
                 f"{ds_dir / dom}: classes differ from {domains[0]!r} (missing: {missing or '-'}, extra: {extra or '-'}); "
                 "DomainBed needs the same classes in every domain"
             )
-    return domains, ref, per_domain
+    return domains, ref, per_domain, skipped
 
 
 def check_image(args: tuple[str, int]) -> tuple[str | None, int, int, str | None]:
@@ -108,7 +136,10 @@ def check_image(args: tuple[str, int]) -> tuple[str | None, int, int, str | None
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO that appeared after the walk must not hang the run.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, 0, 0, "not a regular file (FIFO, socket or device)"
             data = f.read()
     except OSError as e:
         return None, 0, 0, f"unreadable: {e.strerror or e}"
@@ -140,15 +171,19 @@ def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_frac
     """Scan, verify and split a dataset folder: (rows, quarantined, meta)."""
     from tqdm import tqdm
 
-    domains, classes, per_domain = scan_layout(ds_dir)
+    domains, classes, per_domain, skipped = scan_layout(ds_dir)
     label_of = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[int, str, str, str, bool]] = []  # env index, domain, rel path, class, is_out
+    # env index, domain, rel path, class, is_out, skip reason
+    items: list[tuple[int, str, str, str, bool, str | None]] = []
     for env_i, dom in enumerate(domains):
         files = per_domain[dom]
         out_keys = holdout_keys(len(files), trial_seed, env_i, holdout_fraction)
-        for k, (rel, cls) in enumerate(files):
-            items.append((env_i, dom, Path(dom, rel).as_posix(), cls, k in out_keys))
-    jobs = [(str(ds_dir / rel), max_pixels) for _, _, rel, _, _ in items]
+        for k, (rel, cls, why) in enumerate(files):
+            items.append((env_i, dom, Path(dom, shown(rel)).as_posix(), cls, k in out_keys, why))
+    # Files the walk marked (links out, FIFOs, undecodable names) keep their place in the
+    # listing (the split is DomainBed's) but are never opened.
+    todo = [i for i, it in enumerate(items) if it[5] is None]
+    jobs = [(str(ds_dir / items[i][2]), max_pixels) for i in todo]
     workers = workers or min(8, os.cpu_count() or 1)
     bar = tqdm(total=len(jobs), desc=f"index {dataset}", unit="img", disable=not show_progress(progress))
     if workers > 1 and len(jobs) > 256:
@@ -163,8 +198,11 @@ def build_manifest(ds_dir: Path, dataset: str, trial_seed: int = 0, holdout_frac
             checked.append(check_image(j))
             bar.update()
     bar.close()
-    rows, quarantined = [], []
-    for (env_i, dom, rel, cls, is_out), (sha, w, h, err) in zip(items, checked, strict=True):
+    results: list[tuple[str | None, int, int, str | None]] = [(None, 0, 0, it[5]) for it in items]
+    for i, r in zip(todo, checked, strict=True):
+        results[i] = r
+    rows, quarantined = [], list(skipped)
+    for (env_i, dom, rel, cls, is_out, _), (sha, w, h, err) in zip(items, results, strict=True):
         if err:
             quarantined.append({"path": rel, "domain": dom, "class_name": cls, "reason": err})
             continue
@@ -201,12 +239,14 @@ def index_dataset(root: str | Path, dataset: str, workdir: str | Path, trial_see
     """Index one dataset; return its meta (counts, quarantined)."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    check_name(dataset)
     ds_dir = dataset_dir(root, dataset)
-    rows, quarantined, meta = build_manifest(ds_dir, dataset, trial_seed, holdout_fraction, max_pixels,
-                                             workers, progress)
-    if not rows:
-        raise LayoutError(f"{ds_dir}: every image is broken; see the quarantine list")
-    write_manifest(Path(workdir), dataset, rows, quarantined, meta)
+    with stage_lock(workdir, f"index-{dataset}", f"index {dataset}"):
+        rows, quarantined, meta = build_manifest(ds_dir, dataset, trial_seed, holdout_fraction, max_pixels,
+                                                 workers, progress)
+        if not rows:
+            raise LayoutError(f"{ds_dir}: every image is broken; see the quarantine list")
+        write_manifest(Path(workdir), dataset, rows, quarantined, meta)
     return meta
 
 

@@ -11,10 +11,12 @@ write true reasoning chains from them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from dbr_builder.config import (
     schema_defaults,
     validate_options,
 )
-from dbr_builder.core.fsutil import atomic_dir, write_json_atomic
+from dbr_builder.core.fsutil import atomic_dir, recover_dir, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's vocabulary)
     BACKGROUNDS,
     CLASSES,
@@ -174,15 +177,15 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
     The tree is built in a temporary folder beside the target and renamed into place,
     so an interrupted run never leaves a partial dataset.
     """
-    if per_class < 1 or image_size < 32:
-        raise ValueError("per_class must be >= 1 and image_size >= 32")
+    if per_class < 1 or not 32 <= image_size <= 2048 or seed < 0:
+        raise ValueError("per_class must be >= 1, image_size in [32, 2048] and seed >= 0")
     root = Path(root)
     dest = root / DATASET
     params = {"seed": seed, "per_class": per_class, "image_size": image_size, "version": 1}
     meta_path = dest / META_FILE
-    if not force and meta_path.exists() and json.loads(meta_path.read_text()) == params:
+    if not force and meta_path.exists() and _read_meta(meta_path) == params:
         return dest
-    with atomic_dir(dest) as tmp:
+    with _locked_dir(root, dest) as tmp:
         scenes = []
         jobs = [(d, c, i) for d in DOMAINS for c in CLASSES for i in range(per_class)]
         from tqdm import tqdm
@@ -200,6 +203,22 @@ def write_synthshapes(root: str | Path, seed: int = _D["seed"], per_class: int =
                 f.write(json.dumps(s, sort_keys=True) + "\n")
         write_json_atomic(tmp / META_FILE, params)
     return dest
+
+
+@contextlib.contextmanager
+def _locked_dir(root: Path, dest: Path) -> Iterator[Path]:
+    """``atomic_dir(dest)`` under the synth lock, after removing a killed run's leftovers."""
+    with stage_lock(root, "synth", "synth"):
+        recover_dir(dest, clean_temps=True)
+        with atomic_dir(dest) as tmp:
+            yield tmp
+
+
+def _read_meta(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # corrupt: the tree is rebuilt
 
 
 # --- stage protocol -------------------------------------------------------------------------

@@ -27,9 +27,11 @@ from typing import Any
 
 from dbr_builder.config import add_option, flags_of, options_from_args, resolve, validate_options
 from dbr_builder.core import workdir as wdl
-from dbr_builder.core.fsutil import atomic_dir, read_parquet
+from dbr_builder.core.fsutil import atomic_dir, is_temp_name, read_parquet
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest
 from dbr_builder.errors import UserError
+from dbr_builder.stages.filter import outputs_lock, recover_outputs
 
 PER_DATASET = False
 OPTIONS = ("per_group", "max_rejects", "thumb_px", "page_size", "max_chars", "seed")  # schemas/stages/view.schema.json
@@ -44,7 +46,7 @@ def _datasets(cfg: dict[str, Any], workdir: Path) -> list[str]:
     ds = list(cfg.get("datasets") or [])
     if not ds:
         ds = sorted(p.name[: -len(".parquet")] for p in wdl.chains_dir(workdir).glob("*.parquet")
-                    if not p.name.endswith(".rejects.parquet"))
+                    if not p.name.endswith(".rejects.parquet") and not is_temp_name(p.name))
     if not ds:
         raise UserError(f"{wdl.chains_dir(workdir)}: no chains to view; run `dbr filter DATASET` first")
     return ds
@@ -87,11 +89,13 @@ def build_dataset(workdir: Path, ds: str, dest: Path, o: dict[str, Any]) -> dict
 
     manifest, meta = load_manifest(workdir, ds)
     cp, rp = wdl.chains_path(workdir, ds), wdl.rejects_path(workdir, ds)
-    if not cp.exists():
-        raise UserError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
-    kept = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
-    rejects = read_parquet(rp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`") if rp.exists() \
-        else pl.DataFrame({"image_id": [], "path": [], "reason": []})
+    with outputs_lock(workdir, ds):  # one consistent filter output (chains and rejects of one run)
+        recover_outputs(workdir, ds)
+        if not cp.exists():
+            raise UserError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
+        kept = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
+        rejects = read_parquet(rp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`") if rp.exists() \
+            else pl.DataFrame({"image_id": [], "path": [], "reason": []})
     rows = sample_rows(manifest, o["per_group"], o["seed"])
     kept_by = {(r["image_id"], r["path"]): r for r in kept.filter(pl.col("path").is_in(rows.get_column("path").implode()))
                .iter_rows(named=True)}
@@ -142,7 +146,7 @@ def build_view(workdir: str | Path, datasets: list[str], out: str | Path | None 
     workdir = Path(workdir)
     o = _options(opts)
     dest = Path(out) if out else wdl.view_dir(workdir)
-    with atomic_dir(dest) as tmp:
+    with stage_lock(workdir, "view", "view"), atomic_dir(dest) as tmp:
         index = {"datasets": [build_dataset(workdir, ds, tmp, o) for ds in datasets], "page_size": o["page_size"],
                  "per_group": o["per_group"]}
         blob = json.dumps(index, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")

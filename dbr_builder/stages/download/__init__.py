@@ -18,12 +18,13 @@ from typing import Any
 
 from dbr_builder.config import add_option, flags_of, options_from_args, resolve, validate_options
 from dbr_builder.core.fsutil import swap_dir
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.errors import UserError
 from dbr_builder.log import get_logger
 from dbr_builder.stages.download.extract import Budget, CorruptArchive, parse_size
 from dbr_builder.stages.download.http import DownloadError, FetchOptions
 from dbr_builder.stages.download.hub import MirrorError
-from dbr_builder.stages.download.layouts import LayoutError
+from dbr_builder.stages.download.layouts import LayoutError, confine_links
 from dbr_builder.stages.download.registry import DatasetSpec, dataset_folder, get_dataset, load_registry
 from dbr_builder.stages.download.sources import Context, build_archives, build_from, build_hub
 from dbr_builder.stages.download.verify import (
@@ -94,6 +95,11 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     cfg = resolve("download", cfg)
     spec = get_dataset(cfg["dataset"], cfg.get("registry"))
     root = _root(cfg, workdir)
+    with stage_lock(root, f"download-{spec.name}", f"download {spec.name}"):
+        return _run(cfg, spec, root)
+
+
+def _run(cfg: dict[str, Any], spec: DatasetSpec, root: Path) -> dict[str, Any]:
     dest = root / spec.folder
     strict, force, dups = bool(cfg.strict), bool(cfg.force), bool(cfg.check_duplicates)
     lock = Lock.load(root)
@@ -149,6 +155,10 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 build_archives(ctx, src, new)
                 used = src.name
             lock.save()  # artifact records survive even if the count check below fails
+            dropped = confine_links(new)
+            if dropped:
+                log.warning(f"{spec.name}: removed {len(dropped)} link(s) that lead out of the dataset folder "
+                            f"(e.g. {dropped[0]})")
             check = _check(spec, new, strict, dups)
             _install(new, dest)
             _record(lock, spec, dest, used, check, ctx.artifacts)

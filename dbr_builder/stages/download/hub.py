@@ -11,6 +11,7 @@ import fnmatch
 import os
 import re
 import socket
+import stat
 import urllib.parse
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -70,6 +71,8 @@ def parquet_files(base: Path, patterns: tuple[str, ...] | list[str]) -> list[Pat
     """Parquet files under ``base`` matching any of ``patterns`` (relative posix paths), sorted."""
     out = []
     for p in sorted(base.rglob("*.parquet")):
+        if any(part.startswith(".") for part in p.relative_to(base).parts):
+            continue  # temporaries and caches (.cache/, .x.parquet.tmp) are never data
         rel = p.relative_to(base).as_posix()
         if not patterns or any(fnmatch.fnmatch(rel, pat) for pat in patterns):
             out.append(p)
@@ -113,11 +116,14 @@ def _ext(data: bytes) -> str:
 
 def materialise(files: list[Path], spec: DatasetSpec, columns: dict[str, str], out: Path,
                 cache_dir: Path, domain_map: dict[str, str] | None = None,
-                class_map: dict[str, str] | None = None) -> dict[str, int]:
+                class_map: dict[str, str] | None = None, source_root: Path | None = None) -> dict[str, int]:
     """Write the parquet rows as ``out/<domain>/<class>/<file>``; return images per domain.
 
     Loaded through ``datasets`` (so Image / ClassLabel features are honoured); the image
-    column is read undecoded and its bytes written as they are.
+    column is read undecoded and its bytes written as they are. A row without bytes may
+    point at an image file by ``path``, which must be a regular file inside
+    ``source_root`` (default: the folder of the parquet files): a mirror never pulls in
+    a file from elsewhere on the machine.
     """
     import datasets
     from tqdm import tqdm
@@ -136,6 +142,11 @@ def materialise(files: list[Path], spec: DatasetSpec, columns: dict[str, str], o
     label_feat = ds.features[lab_col]
     label_names = label_feat.names if isinstance(label_feat, datasets.ClassLabel) else None
     classes = list(spec.classes) if spec.classes else sorted({str(x) for x in label_names or ds.unique(lab_col)})
+    for c in classes:  # class names become folder names
+        if not c or c in (".", "..") or "/" in c or "\\" in c or "\0" in c:
+            raise MirrorError(f"{files[0]}: class name {c!r} cannot be a folder name")
+    if source_root is None:
+        source_root = Path(os.path.commonpath([str(Path(f).resolve().parent) for f in files]))
     dom_of = _matcher(list(spec.domains), domain_map or {}, "domain", files)
     cls_of = _matcher(classes, class_map or {}, "class", files)
     # Validate every distinct value before writing anything.
@@ -155,7 +166,7 @@ def materialise(files: list[Path], spec: DatasetSpec, columns: dict[str, str], o
         for img, dom_v, lab_v in zip(batch[img_col], batch[dom_col], batch[lab_col], strict=True):
             dom = dom_of(dom_v)
             cls = label_to_cls[lab_v] if label_names is not None else cls_of(lab_v)
-            data, name = _image_bytes(img)
+            data, name = _image_bytes(img, source_root)
             stem = PurePosixPath(name).name if name else ""
             if not stem or stem in (".", ".."):
                 stem = f"{i:06d}{_ext(data)}"
@@ -174,16 +185,37 @@ def materialise(files: list[Path], spec: DatasetSpec, columns: dict[str, str], o
     return dict(counts)
 
 
-def _image_bytes(img: Any) -> tuple[bytes, str | None]:
-    """(bytes, original path) from an undecoded Image value, a {bytes, path} struct or raw bytes."""
+def _image_bytes(img: Any, source_root: Path) -> tuple[bytes, str | None]:
+    """(bytes, original path) from an undecoded Image value, a {bytes, path} struct or raw bytes.
+
+    Without bytes, ``path`` (relative to ``source_root``, or absolute) is read only when it
+    resolves to a regular file inside ``source_root``.
+    """
     if isinstance(img, dict):
         data = img.get("bytes")
         path = img.get("path")
-        if data is None and path and Path(path).is_file():
-            data = Path(path).read_bytes()
+        if data is None and path:
+            data = _read_inside(str(path), source_root)
         if data is None:
             raise MirrorError(f"image value without bytes (path {path!r})")
         return data, path
     if isinstance(img, (bytes, bytearray)):
         return bytes(img), None
     raise MirrorError(f"unsupported image value of type {type(img).__name__}")
+
+
+def _read_inside(path: str, source_root: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file inside ``source_root``; MirrorError if outside."""
+    root = os.path.realpath(source_root)
+    real = os.path.realpath(os.path.join(root, path))
+    if not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+        raise MirrorError(f"image path {path!r} lies outside the source folder {source_root}; "
+                          "refusing to read it (a mirror row must carry its image bytes)")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise MirrorError(f"image path {path!r} is not a regular file")
+        return f.read()

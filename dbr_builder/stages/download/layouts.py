@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from dbr_builder.errors import UserError
+from dbr_builder.log import get_logger
 from dbr_builder.stages.download.terra import build_terra
+
+log = get_logger(__name__)
 
 
 class LayoutError(UserError):
@@ -70,6 +74,27 @@ def apply_layout(layout: dict[str, Any], work: Path, dest: Path, domains: Iterab
     return dest
 
 
+def confine_links(tree: Path) -> list[str]:
+    """Remove the links in a finished dataset tree that lead out of it (or nowhere); return them.
+
+    Extraction keeps links inside the extraction folder, but the layout then moves one
+    sub-folder into place: a link that climbed above it now points outside the dataset
+    (into the staging area, soon deleted, or further). Such links are dropped.
+    """
+    real = os.path.realpath(tree)
+    dropped = []
+    for folder, dirs, files in os.walk(tree):  # links are not followed
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                continue
+            r = os.path.realpath(p)
+            if not (r == real or r.startswith(real.rstrip(os.sep) + os.sep)) or not os.path.exists(p):
+                os.unlink(p)
+                dropped.append(os.path.relpath(p, tree))
+    return dropped
+
+
 def remove_listed(dest: Path, listing: Path) -> int:
     """Delete the files listed (paths relative to ``dest``) in ``listing``; return how many existed."""
     n = 0
@@ -89,12 +114,41 @@ def remove_listed(dest: Path, listing: Path) -> int:
 
 
 def copy_tree(src: Path, dest: Path) -> None:
-    """Copy a DomainBed tree the user already has (hard links when on the same file system)."""
+    """Copy a DomainBed tree the user already has (hard links when on the same file system).
+
+    Links inside the tree are followed; links that lead out of it and anything that is not a
+    regular file or folder (FIFOs, sockets, devices) are left out, with a warning.
+    """
+    real = os.path.realpath(src)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = set()
+        for n in names:
+            p = os.path.join(folder, n)
+            r = os.path.realpath(p)
+            if not (r == real or r.startswith(real.rstrip(os.sep) + os.sep)):
+                log.warning(f"{p}: leaves {src} through a link; not copied")
+                skip.add(n)
+                continue
+            here = os.path.realpath(folder)
+            if os.path.islink(p) and os.path.isdir(p) and (here == r or here.startswith(r.rstrip(os.sep) + os.sep)):
+                log.warning(f"{p}: a link to a folder above it (a loop); not copied")
+                skip.add(n)
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except OSError:
+                skip.add(n)
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                log.warning(f"{p}: not a regular file; not copied")
+                skip.add(n)
+        return skip
 
     def link_or_copy(s: str, d: str) -> None:
         try:
-            os.link(s, d)
+            os.link(os.path.realpath(s), d)
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False)
+    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False, ignore=ignore)

@@ -92,19 +92,21 @@ def build_archives(ctx: Context, src: Source, dest: Path, local: dict[str, Path]
 
 def build_hub(ctx: Context, src: Source, dest: Path) -> None:
     """Fetch the mirror's parquet files and materialise them."""
-    files = hub.fetch_parquet(src, ctx.download_dir / "hub" / src.repo_id.replace("/", "__"), ctx.opts.timeout)
+    local = ctx.download_dir / "hub" / src.repo_id.replace("/", "__")
+    files = hub.fetch_parquet(src, local, ctx.opts.timeout)
     for f in files:
         key = f"{ctx.spec.name}/hub:{src.repo_id}/{f.name}"
         ctx.lock.verify_artifact(key, f, f"hf://datasets/{src.repo_id}/{f.name}")
         ctx.artifacts.append(key)
-    _materialise(ctx, files, src, dest)
+    _materialise(ctx, files, src, dest, local)
 
 
-def _materialise(ctx: Context, files: list[Path], src: Source | None, dest: Path) -> None:
+def _materialise(ctx: Context, files: list[Path], src: Source | None, dest: Path, source_root: Path) -> None:
+    """``source_root``: the only folder whose files a row's image ``path`` may name."""
     columns = src.columns if src else {"image": "image", "domain": "domain", "label": "label"}
     staging_out = ctx.staging / "parquet-out"
     hub.materialise(files, ctx.spec, columns, staging_out, ctx.staging / "hf-cache",
-                    src.domain_map if src else None, src.class_map if src else None)
+                    src.domain_map if src else None, src.class_map if src else None, source_root=source_root)
     staging_out.rename(dest)
 
 
@@ -152,7 +154,7 @@ def build_from(ctx: Context, from_: str, dest: Path) -> str:
     files = hub.parquet_files(path, ())
     if files:
         _lock_local(ctx, files)
-        _materialise(ctx, files, _first(spec, "hub"), dest)
+        _materialise(ctx, files, _first(spec, "hub"), dest, path)
         return f"{len(files)} parquet file(s) in {path}"
     raise UserError(
         f"--from {path}: found neither the {spec.name} domain folders ({', '.join(spec.domains)}) "
@@ -186,7 +188,7 @@ def _from_file(ctx: Context, path: Path, dest: Path, key: str | None) -> str:
     if magic == b"PAR1":
         if key:
             _lock_local(ctx, [path])
-        _materialise(ctx, [path], _first(spec, "hub"), dest)
+        _materialise(ctx, [path], _first(spec, "hub"), dest, path.parent)
         return f"parquet {path}"
     if archive_kind(path) is None:
         raise UserError(f"--from {path}: not a zip / tar archive or parquet file")

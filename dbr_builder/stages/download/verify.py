@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dbr_builder.core.fsutil import sha256_file, write_json_atomic
+from dbr_builder.core.manifest import walk_class
 from dbr_builder.errors import UserError
 
 LOCK_NAME = ".dbr-download.lock.json"
@@ -99,8 +100,9 @@ def count_tree(dest: Path, domains: list[str]) -> tuple[dict[str, int], dict[str
         if d.is_dir():
             for c in sorted(p for p in d.iterdir() if p.is_dir()):
                 cls.append(c.name)
-                for _, _, files in os.walk(c, followlinks=True):
-                    n += sum(1 for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+                # the index's walk: links followed only inside the tree, each folder once (no loops)
+                files, _ = walk_class(d, c.name, dest)
+                n += sum(1 for _, why in files if why is None)
         counts[dom] = n
         classes[dom] = cls
     return counts, classes
@@ -147,7 +149,8 @@ def find_duplicates(dest: Path) -> list[list[str]]:
     for dirpath, _, files in os.walk(dest):
         for f in files:
             p = Path(dirpath) / f
-            if p.suffix.lower() in IMAGE_EXTS:
+            # regular files only: never a FIFO (reading it would hang) or a link (maybe leading out)
+            if p.suffix.lower() in IMAGE_EXTS and not p.is_symlink() and p.is_file():
                 by_size[p.stat().st_size].append(p)
     groups: list[list[str]] = []
     for paths in by_size.values():

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.backends import KINDS, BackendError, Request, Result, make_backend, redact_spec
+from dbr_builder.backends import KINDS, BackendError, Request, Result, make_backend, parse_spec, redact_spec
 from dbr_builder.config import (
     add_option,
     load_stage_config,
@@ -49,7 +49,10 @@ from dbr_builder.config import (
 from dbr_builder.core import prompts
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import stable_hash, tree_fingerprint, write_json_atomic
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest, load_quarantine, splits_for_seed
+from dbr_builder.core.sanitize import clean_text, redact
+from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError
 from dbr_builder.log import get_logger, show_progress
 from dbr_builder.resources import resource_path
@@ -448,13 +451,13 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
         recs = []
         for row in batch:
             res = results.get(row["image_id"])
-            err = "backend returned no result" if res is None else res.error
+            err = "backend returned no result" if res is None else clean_text(redact(res.error))
             if err is None and not res.texts:
                 err = "backend returned no text"
             errors += err is not None
             recs.append({
                 "image_id": row["image_id"], "domain": row["domain"], "class_name": row["class_name"],
-                "text": None if err else res.texts[0],
+                "text": None if err else clean_text(res.texts[0]),
                 "finish_reason": (res.finish_reasons[0] if res and res.finish_reasons else None),
                 "out_tokens": res.out_tokens if res else 0, "error": err, "prompt_id": prompt_id(job.mode),
                 **({"examples": extras[row["image_id"]]} if job.mode == "icl" else {}),
@@ -508,8 +511,10 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log: An
     """Evaluate every job of ``cfg`` (resuming stored answers) and write the result tables."""
     log = log or logger.info
     workdir = Path(workdir)
-    names = _datasets_of(cfg, workdir)
+    names = [check_name(n) for n in _datasets_of(cfg, workdir)]
     cfg = resolve("eval", cfg)
+    check_name(cfg["run"], "run name")
+    check_name(students_run_of(cfg), "run name")
     if cfg["students"] and not cfg["models"]:
         # only students to evaluate: skip datasets nobody has trained on (and their manifests)
         trained = {s["dataset"] for s in find_students(workdir, students_run_of(cfg))}
@@ -527,7 +532,37 @@ def run(cfg: dict[str, Any], workdir: str | Path, progress: bool = True, log: An
     jobs = plan_jobs(cfg, workdir, domains)
     if not jobs:
         raise ConfigError("eval: nothing to evaluate (no students matched and no `models:` given)")
+    for spec in sorted({j.backend_key[0] for j in jobs}):
+        try:  # a bad spec fails here, before any folder or file is made
+            parse_spec(spec)
+        except BackendError as e:
+            raise ConfigError(f"eval: model {redact_spec(spec)!r}: {e}") from None
     eval_dir = eval_dir_of(cfg, workdir)
+    with stage_lock(workdir, f"eval-{cfg['run']}", f"eval (run {cfg['run']})"):
+        made = [d for d in (eval_dir.parent.parent, eval_dir.parent, eval_dir, eval_dir / "predictions")
+                if not d.exists()]
+        try:
+            return _run_jobs(cfg, workdir, jobs, data, domains, eval_dir, progress, log)
+        except BaseException:
+            _remove_empty(made)
+            raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run made, deepest first, when nothing was written into them."""
+    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if d.is_dir():
+            for f in d.glob("*.job.json"):  # job descriptions whose job never produced an answer
+                if not f.with_name(f.name[: -len(".job.json")] + ".jsonl").exists():
+                    f.unlink()
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: something was written, keep it
+
+
+def _run_jobs(cfg: dict[str, Any], workdir: Path, jobs: list[Job], data: dict[str, DatasetData],
+              domains: dict[str, list[str]], eval_dir: Path, progress: bool, log) -> dict[str, Any]:
     stats = {"jobs": len(jobs), "generated": 0, "errors": 0}
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:

@@ -43,6 +43,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,10 +62,20 @@ from dbr_builder.config import (
 )
 from dbr_builder.core.answers import matcher, synonyms_for
 from dbr_builder.core.chains import FIELDS, parse_chains_frame
-from dbr_builder.core.fsutil import atomic_path
+from dbr_builder.core.fsutil import (
+    atomic_path,
+    commit_moves,
+    make_temp_dir,
+    naming,
+    recover_dir,
+    recover_moves,
+    remove_temps,
+    temp_beside,
+)
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import load_manifest
 from dbr_builder.core.store import read_results
-from dbr_builder.core.workdir import chains_path, rejects_path, reports_dir
+from dbr_builder.core.workdir import chains_path, check_name, rejects_path, reports_dir
 from dbr_builder.errors import ConfigError
 from dbr_builder.log import get_logger
 from dbr_builder.stages.filter.stats import approx_tokens, markdown_table, summary_table, write_report
@@ -370,6 +382,57 @@ def write_parquet_atomic(df: pl.DataFrame, dest: Path) -> None:
         df.write_parquet(tmp, compression="zstd", statistics=False)
 
 
+def journal_path(workdir: Path, dataset: str) -> Path:
+    """``W/chains/.<Dataset>.commit.json``: present only while the outputs are being swapped in."""
+    return chains_path(workdir, dataset).with_name(f".{dataset}.commit.json")
+
+
+def recover_outputs(workdir: Path, dataset: str) -> None:
+    """Finish an interrupted commit of the filter's outputs and remove a killed run's temporaries.
+
+    Call while holding the filter lock of ``dataset`` (:func:`outputs_lock`).
+    """
+    workdir = Path(workdir)
+    recover_moves(journal_path(workdir, dataset))
+    for dest in (chains_path(workdir, dataset), rejects_path(workdir, dataset)):
+        if dest.parent.is_dir():
+            remove_temps(dest.parent, dest.name)
+    recover_dir(reports_dir(workdir, dataset), clean_temps=True)
+
+
+def outputs_lock(workdir: Path, dataset: str):
+    """The filter lock of ``dataset`` (held by the filter; readers take it to see one consistent unit)."""
+    return stage_lock(workdir, f"filter-{dataset}", f"filter {dataset}")
+
+
+def _commit(workdir: Path, dataset: str, kept: pl.DataFrame, rejects: pl.DataFrame,
+            write_report_to: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write chains, rejects and the report as one unit (see :func:`dbr_builder.core.fsutil.commit_moves`)."""
+    cp, rp, rd = chains_path(workdir, dataset), rejects_path(workdir, dataset), reports_dir(workdir, dataset)
+    temps: list[Path] = []
+    try:
+        for df, dest in ((kept, cp), (rejects, rp)):
+            with naming(dest):
+                tmp = temp_beside(dest, ".parquet")
+                temps.append(tmp)
+                df.write_parquet(tmp, compression="zstd", statistics=False)
+        with naming(rd):
+            tmp_dir = make_temp_dir(rd.parent, rd.name)
+            temps.append(tmp_dir)
+            report = write_report_to(tmp_dir)
+        with naming(cp):
+            commit_moves([(temps[0], cp), (temps[1], rp), (tmp_dir, rd)], journal_path(workdir, dataset))
+        return report
+    finally:
+        if journal_path(workdir, dataset).exists():
+            temps = []  # past the commit point: the next run (or reader) finishes the moves
+        for t in temps:
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            elif t.exists():
+                t.unlink()
+
+
 def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: list[str]) -> int:
     """Ask the teacher for hinted chains for ``image_ids``; return how many images were sent."""
     rcfg = resolve("filter", cfg).rationalize
@@ -391,13 +454,10 @@ def _rationalize(cfg: dict[str, Any], workdir: Path, dataset: str, image_ids: li
     return len(image_ids)
 
 
-def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Filter one dataset's candidates; write chains, rejects and the stats report."""
+def _filter(cfg: dict[str, Any], workdir: Path, dataset: str) -> tuple[Any, Any, dict[str, Any], int, Any]:
+    """Evaluate, select and write (under the filter lock); (kept, rejects, report, rationalized, manifest)."""
     import polars as pl
 
-
-    dataset = cfg["dataset"]
-    workdir = Path(workdir)
     manifest, meta = load_manifest(workdir, dataset)
     classes = list(meta["classes"])
     rules = Rules.from_cfg(cfg, dataset, classes)
@@ -423,11 +483,20 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     kept = kept_table(ev, manifest, rules.select)
     rejects = rejects_table(ev, manifest)
     validate_kept(kept, classes)
-    write_parquet_atomic(kept, chains_path(workdir, dataset))
-    write_parquet_atomic(rejects, rejects_path(workdir, dataset))
-    report = write_report(workdir, dataset, ev, manifest, kept, rationalized=sent,
-                          rules=json.loads(json.dumps(dataclasses.asdict(rules), default=list)))
+    rules_json = json.loads(json.dumps(dataclasses.asdict(rules), default=list))
+    report = _commit(workdir, dataset, kept, rejects,
+                     lambda out: write_report(workdir, dataset, ev, manifest, kept, rationalized=sent, out_dir=out,
+                                              rules=rules_json))
+    return kept, rejects, report, sent, manifest
 
+
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Filter one dataset's candidates; write chains, rejects and the stats report (one unit)."""
+    dataset = check_name(cfg["dataset"])
+    workdir = Path(workdir)
+    with outputs_lock(workdir, dataset):
+        recover_outputs(workdir, dataset)
+        kept, rejects, report, sent, manifest = _filter(cfg, workdir, dataset)
     log.info(f"{dataset}: filter report -> {reports_dir(workdir, dataset) / 'stats.md'}")
     log.info(summary_table(report))
     return {"images": manifest.height, "kept": kept.height, "rejected": rejects.height,

@@ -11,12 +11,11 @@ unparseable chain counting as wrong, so it is comparable with the papers' zero-s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbr_builder.core.chains import FIELDS
-from dbr_builder.core.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dbr_builder.core.fsutil import atomic_path, read_json, write_json_atomic, write_text_atomic
 from dbr_builder.core.workdir import reports_dir
 
 if TYPE_CHECKING:
@@ -263,17 +262,19 @@ def report_dir(workdir: str | Path, dataset: str) -> Path:
 
 def write_report(workdir: str | Path, dataset: str, ev: pl.DataFrame, manifest: pl.DataFrame,
                  kept: pl.DataFrame, rationalized: int = 0, charts: bool = True,
-                 rules: dict[str, Any] | None = None) -> dict[str, Any]:
+                 rules: dict[str, Any] | None = None, out_dir: Path | None = None) -> dict[str, Any]:
     """Compute the stats and write ``stats.json``, ``stats.md`` and the charts; return the stats.
 
     ``rules``: the effective filter rules, kept in ``stats.json`` for the dataset card's provenance.
+    ``out_dir``: where to write them (default ``W/reports/<Dataset>``; the filter stage writes
+    a temporary folder that it commits together with the chains).
     """
     stats = compute_stats(ev, manifest, kept)
     stats["dataset"] = dataset
     stats["rationalized_images"] = rationalized
     if rules is not None:
         stats["rules"] = rules
-    out = report_dir(workdir, dataset)
+    out = Path(out_dir) if out_dir is not None else report_dir(workdir, dataset)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "stats.json", stats)
     write_text_atomic(out / "stats.md", render_markdown(dataset, stats))
@@ -287,7 +288,7 @@ def load_stats(workdir: str | Path, dataset: str) -> dict[str, Any]:
     p = report_dir(workdir, dataset) / "stats.json"
     if not p.exists():
         raise FileNotFoundError(f"{p}: no filter report for {dataset}; run `dbr filter {dataset}` first")
-    return json.loads(p.read_text(encoding="utf-8"))
+    return read_json(p, f"rerun `dbr filter {dataset} --workdir {workdir}` to rewrite it")
 
 
 def markdown_table(workdir: str | Path, dataset: str) -> str:

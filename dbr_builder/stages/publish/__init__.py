@@ -29,6 +29,7 @@ terms forbid redistribution (the card says how to download the images from their
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -43,11 +44,21 @@ from dbr_builder.config import (
     validate_options,
 )
 from dbr_builder.core import workdir as wdl
-from dbr_builder.core.fsutil import atomic_dir, read_parquet, write_text_atomic
+from dbr_builder.core.fsutil import (
+    atomic_dir,
+    is_temp_name,
+    naming,
+    read_parquet,
+    recover_dir,
+    remove_temps,
+    write_text_atomic,
+)
+from dbr_builder.core.locks import stage_lock
 from dbr_builder.core.manifest import image_path, load_manifest
-from dbr_builder.core.workdir import chains_dir, chains_path, safe_split_name
+from dbr_builder.core.workdir import chains_dir, chains_path, check_name, safe_split_name
 from dbr_builder.errors import UserError
 from dbr_builder.log import show_progress
+from dbr_builder.stages.filter import outputs_lock, recover_outputs
 from dbr_builder.stages.filter.stats import load_stats
 from dbr_builder.stages.publish.card import features_for, provenance, render_card
 from dbr_builder.stages.publish.push import check_push, push_folder
@@ -192,8 +203,10 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
         sizes = [(os.path.getsize(p) if pixels else 0) + 2 * t for p, t in zip(paths, text, strict=True)]
         shards = plan_shards(sizes, max_shard_bytes)
         num_bytes = 0
+        ids = rows.get_column("image_id").to_list()
         for k, (a, b) in enumerate(shards):
-            blobs = [Path(p).read_bytes() for p in paths[a:b]] if pixels else None  # as read: no re-encoding
+            blobs = ([_verified_bytes(p, i, meta.get("dataset", "")) for p, i in zip(paths[a:b], ids[a:b], strict=True)]
+                     if pixels else None)  # as read: no re-encoding
             table = _arrow_table(rows.slice(a, b - a), blobs, features, source_prefix)
             write_parquet(table, dest / f"{split}-{k:05d}-of-{len(shards):05d}.parquet", sizes[a:b])
             num_bytes += table.nbytes
@@ -202,6 +215,47 @@ def write_dataset(chains: Any, meta: dict[str, Any], dest: Path, max_shard_bytes
                        "num_shards": len(shards)})
     bar.close()
     return splits
+
+
+def _verified_bytes(path: Path, image_id: str, dataset: str) -> bytes:
+    """The bytes of an indexed image, checked against its id (sha256) from the manifest."""
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != image_id:
+        raise UserError(f"{path}: the file changed since `dbr index` (its sha256 is not the indexed id "
+                        f"{image_id[:16]}...); restore it, or rerun `dbr index {dataset}` and the stages after it")
+    return data
+
+
+def _clean_leftovers(hub: Path) -> None:
+    """Undo or finish an interrupted folder swap in ``hub/data`` and remove killed runs' temporaries."""
+    data = hub / "data"
+    if data.is_dir():
+        for p in sorted(data.iterdir()):
+            if not is_temp_name(p.name) or not os.path.lexists(p):
+                continue
+            if p.name.endswith(".old") and len(p.name) > 5:
+                recover_dir(data / p.name[1:-4])  # put back, or drop, the old copy of a swap
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)  # a killed run's half-written folder
+            else:
+                p.unlink(missing_ok=True)
+    if hub.is_dir():
+        remove_temps(hub, "README.md")
+
+
+def _read_chains(workdir: Path, ds: str) -> Any:
+    """The chains of ``ds``, read under the filter's lock (one consistent filter output)."""
+    cp = chains_path(workdir, ds)
+    with outputs_lock(workdir, ds):
+        recover_outputs(workdir, ds)
+        if not cp.exists():
+            raise FileNotFoundError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
+        chains = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
+    if chains.height == 0:
+        raise UserError(f"{cp}: no chains (0 rows: the filter accepted no candidate of {ds}); see "
+                        f"{wdl.reports_dir(workdir, ds) / 'stats.md'} for the reasons, fix the teacher or the "
+                        "filter rules and rerun `dbr filter`, or leave the dataset out with --datasets")
+    return chains
 
 
 def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = None,
@@ -214,25 +268,31 @@ def publish(workdir: str | Path, datasets: list[str], out: str | Path | None = N
     hub = Path(out) if out else wdl.hub_dir(workdir)
     if not datasets:
         raise ValueError("publish: no datasets given (set `datasets:` in the pipeline or pass --datasets)")
-    infos: dict[str, Any] = {}
     for ds in datasets:
-        cp = chains_path(workdir, ds)
-        if not cp.exists():
-            raise FileNotFoundError(f"{cp}: no chains for {ds}; run `dbr filter {ds} --workdir {workdir}` first")
-        _, meta = load_manifest(workdir, ds)
-        meta = {**meta, "dataset": ds}
-        chains = read_parquet(cp, f"rebuild it with `dbr filter {ds} --workdir {workdir}`")
-        with atomic_dir(hub / "data" / ds) as tmp:
-            splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress, mode)
-        infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": load_stats(workdir, ds),
-                     "teachers": sorted(set(chains.get_column("teacher").to_list())),
-                     "source_folder": Path(meta["root"]).name if meta.get("root") else ds}
-    # Folders of datasets no longer published would be loadable configs without a card entry.
-    for stale in sorted((hub / "data").iterdir()):
-        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in infos:
-            shutil.rmtree(stale)
-    prov = provenance(workdir, datasets)
-    write_text_atomic(hub / "README.md", render_card(infos, mode=mode, provenance=prov, **(card_extra or {})))
+        check_name(ds)
+    with stage_lock(workdir, "publish", "publish"):
+        _clean_leftovers(hub)
+        # Read (and check) every dataset's inputs before anything in the hub is replaced.
+        loaded = {}
+        for ds in datasets:
+            _, meta = load_manifest(workdir, ds)
+            loaded[ds] = (_read_chains(workdir, ds), {**meta, "dataset": ds}, load_stats(workdir, ds))
+        prov = provenance(workdir, datasets)
+        infos: dict[str, Any] = {}
+        for ds, (chains, meta, stats) in loaded.items():
+            with naming(hub / "data" / ds), atomic_dir(hub / "data" / ds) as tmp:
+                splits = write_dataset(chains, meta, tmp, int(max_shard_mb * 1e6), progress, mode)
+            infos[ds] = {"classes": meta["classes"], "splits": splits, "stats": stats,
+                         "teachers": sorted(set(chains.get_column("teacher").to_list())),
+                         "source_folder": Path(meta["root"]).name if meta.get("root") else ds}
+        write_text_atomic(hub / "README.md", render_card(infos, mode=mode, provenance=prov, **(card_extra or {})))
+        # Folders of datasets no longer published would be loadable configs without a card entry.
+        # Hidden first (one rename), then deleted: a kill mid-delete leaves only a hidden leftover.
+        for stale in sorted((hub / "data").iterdir()):
+            if stale.is_dir() and not is_temp_name(stale.name) and stale.name not in infos:
+                gone = stale.with_name(f".{stale.name}.{os.getpid()}.tmp")
+                os.replace(stale, gone)
+                shutil.rmtree(gone, ignore_errors=True)
     return infos
 
 
@@ -300,7 +360,7 @@ def main(args: argparse.Namespace) -> int:
     hub = hub_dir(cfg, wd)
     if not args.no_write:
         datasets = cfg.get("datasets") or sorted(p.name[: -len(".parquet")] for p in (chains_dir(wd)).glob("*.parquet")
-                                           if not p.name.endswith(".rejects.parquet"))
+                                           if not p.name.endswith(".rejects.parquet") and not is_temp_name(p.name))
         if not datasets:
             raise UserError(f"{wd / 'chains'}: no chains to publish; run `dbr filter DATASET` first")
         try:
