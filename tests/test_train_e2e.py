@@ -47,7 +47,9 @@ def test_dbr_train_end_to_end(workdir, tiny_model_path, tmp_path, capsys):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
         f"student: {tiny_model_path}\nbatch_size: 8\nmicro_batch_size: 4\nepochs: 1\nmax_steps: 2\n"
-        "max_length: 512\nsarr: {rounds: 1, max_new_tokens: 16, batch_size: 16}\nselect: {max_images: 12}\n"
+        "max_length: 512\nsarr: {rounds: 1, max_new_tokens: 16, batch_size: 16, no_correct: keep_teacher}\nselect: {max_images: 12}\n"
+        # this hub has no W/manifest to re-split trial seed 1 from (tests/test_protocol.py covers re-splitting)
+        "resplit: false\n"
     )
     argv = ["train", "--config", str(cfg), "--workdir", str(workdir), "--dataset", "SynthShapes",
             "--heldout", "sketch", "--trial-seed", "1"]
@@ -65,6 +67,7 @@ def test_dbr_train_end_to_end(workdir, tiny_model_path, tmp_path, capsys):
     assert sarr["sarr"]["images"] == 3 * (24 - int(24 * 0.2))  # `in` images of the 3 training domains
     assert sum(1 for _ in open(seed / "sarr1" / "self_chains.jsonl")) == sarr["sarr"]["images"]
     assert sarr["val"]["images"] == 12 and sarr["train"]["steps"] == 2
+    assert sarr["sarr"]["teacher_chains"] + sarr["sarr"]["self_chains"] == sarr["sarr"]["images"]
     assert not (seed / "_work" / "mtct" / "checkpoint").exists()
 
     # The selected adapter loads through peft onto the base model (what `dbr eval` does).

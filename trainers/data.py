@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dbr_builder.core import chat
 from dbr_builder.core.chains import format_chain
 from dbr_builder.core.fsutil import tree_fingerprint
 from dbr_builder.core.manifest import holdout_keys
@@ -63,6 +64,7 @@ class Sample:
     image_index: int  # position of the image inside its batch (set by the collator)
     kind: int  # KIND_CLS or KIND_REASON
     answer_tokens: int = field(default=0)
+    truncated: int = field(default=0)  # answer tokens cut off by ``max_length``
 
 
 def examples_from_rows(rows: Iterable[dict[str, Any]], source: str = "rows") -> list[Example]:
@@ -208,26 +210,23 @@ class SampleEncoder:
 
     def prompt_text(self, prompt: str) -> str:
         """The rendered prompt, up to and including the assistant generation header."""
-        return self.processor.apply_chat_template(self.user_turn(prompt), add_generation_prompt=True, tokenize=False)
+        return chat.render(self.processor, self.user_turn(prompt)[0]["content"])
 
     def answer_text(self, prompt: str, answer: str) -> str:
-        """What the chat template writes for the assistant answer (end-of-turn included)."""
-        head = self.prompt_text(prompt)
-        msgs = self.user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        full = self.processor.apply_chat_template(msgs, tokenize=False)
-        if not full.startswith(head):
-            raise ValueError(
-                "the student's chat template renders the conversation with a different prefix than the "
-                "generation prompt; cannot separate the answer tokens"
-            )
-        return full[len(head):]
+        """What the model generates after the generation prompt for ``answer`` (end of turn included).
+
+        Derived per family by :func:`dbr_builder.core.chat.answer_text` (the answer located in a
+        rendered conversation), so templates whose turn header differs from their generation
+        prompt (LLaVA-OneVision) or that add text before the answer (Idefics3's ``: ``) work.
+        """
+        return chat.answer_text(self.processor, self.user_turn(prompt), answer)
 
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
         """Token ids of the answer as trained (the part after the generation prompt)."""
         key = prompt + "\x00" + answer
         ids = self._suffix_cache.get(key)
         if ids is None:
-            ids = self.tokenizer(self.answer_text(prompt, answer), add_special_tokens=False)["input_ids"]
+            ids = chat.token_count_of_answer(self.processor, self.answer_text(prompt, answer))
             if len(self._suffix_cache) < 4096:  # class answers repeat; chains rarely do
                 self._suffix_cache[key] = ids
         return list(ids)
@@ -235,9 +234,7 @@ class SampleEncoder:
     # -- encoding --------------------------------------------------------------------------
     def encode_prompt(self, image: Any, prompt: str) -> dict[str, Any]:
         """Processor outputs for image + prompt (with generation header), batch of one."""
-        return self.processor(
-            text=[self.prompt_text(prompt)], images=[load_image(image)], return_tensors="pt", **self.processor_kwargs
-        )
+        return chat.encode(self.processor, [self.prompt_text(prompt)], [[load_image(image)]], **self.processor_kwargs)
 
     def encode(self, image: Any, prompt: str, answer: str, kind: int, enc: dict[str, Any] | None = None) -> Sample:
         """One masked sample; ``enc`` reuses an already-processed prompt of the same image."""
@@ -251,7 +248,10 @@ class SampleEncoder:
                     f"prompt is {len(prompt_ids)} tokens (image included), over max_length={self.max_length}; "
                     "raise `max_length` or shrink images with `processor_kwargs`"
                 )
+            cut = max(0, len(ans) - room)
             ans = ans[:room]  # truncate the answer's tail, never the image tokens
+        else:
+            cut = 0
         n = len(prompt_ids)
         seq_extra: dict[str, list[int]] = {}
         vision: dict[str, Any] = {}
@@ -270,6 +270,7 @@ class SampleEncoder:
             image_index=0,
             kind=kind,
             answer_tokens=len(ans),
+            truncated=cut,
         )
 
     def encode_example(self, ex: Example, tasks: Sequence[str] = TASKS) -> list[Sample]:
@@ -314,11 +315,36 @@ def collate(samples_per_image: Sequence[Sequence[Sample]], pad_id: int) -> dict[
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn, "labels": labels, **extra}
     vision_keys = sorted({k for s in rows for k in s.vision})
     for k in vision_keys:
-        batch[k] = torch.cat([s.vision[k] for s in rows], dim=0)
+        batch[k] = cat_padded([s.vision[k] for s in rows])
     batch["image_index"] = torch.tensor([s.image_index for s in rows], dtype=torch.long)
     batch["kind"] = torch.tensor([s.kind for s in rows], dtype=torch.long)
     batch["num_images"] = len(samples_per_image)
+    batch["truncated"] = torch.tensor([s.truncated for s in rows], dtype=torch.long)
     return batch
+
+
+def cat_padded(tensors: Sequence[Any]) -> Any:
+    """Concatenate along axis 0, zero-padding the other axes to the largest size.
+
+    Processors that give every image a variable number of tiles with a fixed per-tile shape
+    (Idefics3 ``(1, tiles, 3, H, W)`` and its ``pixel_attention_mask``, LLaVA-OneVision's anyres
+    patches) pad a batch the same way: all-zero tiles are dropped by those models, and their
+    ``image_sizes`` say how many patches are real.
+    """
+    import torch
+
+    if len({tuple(t.shape[1:]) for t in tensors}) <= 1:
+        return torch.cat(list(tensors), dim=0)
+    dims = max(t.dim() for t in tensors)
+    if any(t.dim() != dims for t in tensors):
+        raise ValueError("cannot batch vision tensors of different ranks: " + ", ".join(str(tuple(t.shape)) for t in tensors))
+    size = [max(t.shape[d] for t in tensors) for d in range(1, dims)]
+    out = []
+    for t in tensors:
+        pad = t.new_zeros((t.shape[0], *size))
+        pad[tuple([slice(0, t.shape[0])] + [slice(0, n) for n in t.shape[1:]])] = t
+        out.append(pad)
+    return torch.cat(out, dim=0)
 
 
 def pad_token_id(processor: Any) -> int:

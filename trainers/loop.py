@@ -61,6 +61,9 @@ class LoopConfig:
     tasks: tuple[str, ...] = ("cls", "reason")
     fast_head: bool = True  # LM head on answer positions only
     log_every: int = 10
+    # Refuse a stage once more than this share of its samples had their answer cut by max_length
+    # (checked from the 64th sample on, and at the end); None = never refuse (still counted).
+    max_truncated_fraction: float | None = 0.05
 
     def mixed_precision(self) -> str:
         if self.precision == "auto":
@@ -76,10 +79,16 @@ class StageResult:
     seconds: float = 0.0
     images: int = 0
     tokens: int = 0
+    samples: int = 0
+    truncated_samples: int = 0
+    truncated_tokens: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
+            "samples": self.samples,
+            "truncated_samples": self.truncated_samples,
+            "truncated_tokens": self.truncated_tokens,
             "resumed_from_step": self.resumed_from,
             "final_loss": self.losses[-1] if self.losses else None,
             "first_loss": self.losses[0] if self.losses else None,
@@ -311,10 +320,15 @@ def train_stage(
             step_loss += float(per_img.detach().sum()) / step_n * world
             result.images += batch["num_images"]
             result.tokens += int(batch["attention_mask"].sum())
+            cut = batch["truncated"]
+            result.samples += int(cut.numel())
+            result.truncated_samples += int((cut > 0).sum())
+            result.truncated_tokens += int(cut.sum())
             for k, v in _kind_stats(sums, toks, batch["kind"]).items():
                 stats[k] = stats.get(k, 0.0) + v
             if not last_micro:
                 continue
+            check_truncation(result, lc, desc, log, final=False)
             if lc.max_grad_norm:
                 accelerator.clip_grad_norm_(params, lc.max_grad_norm)
             optimizer.step()
@@ -343,7 +357,30 @@ def train_stage(
     bar.close()
     result.seconds = time.perf_counter() - t0
     wrapped.eval()
+    check_truncation(result, lc, desc, log, final=True)
     return result
+
+
+class TruncationError(UserError):
+    """Too many training answers were cut by ``max_length`` (see ``max_truncated_fraction``)."""
+
+
+def check_truncation(result: StageResult, lc: LoopConfig, desc: str, log: Callable[[str], None],
+                     final: bool) -> None:
+    """Warn about (final) and refuse (above ``max_truncated_fraction``) answers cut by ``max_length``."""
+    n, cut = result.samples, result.truncated_samples
+    if not n or not cut:
+        return
+    frac = cut / n
+    limit = lc.max_truncated_fraction
+    if limit is not None and frac > limit and (final or n >= 64):
+        raise TruncationError(
+            f"[{desc}] {cut} of {n} samples ({frac:.1%}) had their answer cut by max_length "
+            f"(over max_truncated_fraction={limit}); raise `max_length`, shrink images with "
+            "`processor_kwargs`, or set `max_truncated_fraction` higher (null = never refuse)")
+    if final:
+        log(f"warning: [{desc}] {cut} of {n} samples ({frac:.1%}) had their answer cut by max_length "
+            f"({result.truncated_tokens} tokens); their chains lose the tail (often <CONCLUSION>)")
 
 
 def _kind_stats(sums: Any, toks: Any, kind: Any) -> dict[str, float]:

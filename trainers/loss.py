@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from trainers.data import KIND_CLS, KIND_REASON
 
 # This module is only imported by training code, never by `dbr --help`, so torch is imported at top.
-NON_MODEL_KEYS = ("labels", "image_index", "kind", "num_images")
+NON_MODEL_KEYS = ("labels", "image_index", "kind", "num_images", "truncated")
 
 
 def _body_and_head(model: Any) -> tuple[Any, Any] | None:

@@ -9,7 +9,8 @@ student off the GPU first, the child serves base + round adapter with the traini
 settings on its rank's GPU, closes the engine and exits (so the GPU is really free again), and a
 round whose requests fail above ``sarr.max_error_share`` stops with the cause instead of silently
 retraining on teacher chains. Images with no correct self chain follow the ``no_correct`` policy:
-``keep_teacher`` (train on the teacher chain) or ``drop`` (leave the image out of the round).
+``drop`` (the default and the paper's rule: leave the image out of the round) or ``keep_teacher``
+(train on its teacher chain). Each round records how many teacher chains it still trains on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from dbr_builder.backends import Request, make_backend, parse_spec
 from dbr_builder.config import schema_defaults
+from dbr_builder.core import chat
 from dbr_builder.core.answers import match_class
 from dbr_builder.core.chains import parse_chain
 from dbr_builder.core.fsutil import stable_hash, write_json_atomic, write_text_atomic
@@ -45,7 +47,7 @@ class SarrConfig:
 
     # Defaults are the train schema's `sarr` defaults (schemas/stages/train.schema.json), defined once.
     rounds: int = _D["rounds"]
-    no_correct: str = _D["no_correct"]  # keep_teacher | drop
+    no_correct: str = _D["no_correct"]  # drop (the paper: only correct self chains) | keep_teacher
     init: str = _D["init"]  # continue (from the current adapter) | restart (fresh adapter on the base model)
     n: int = _D["n"]  # candidates per image; the first correct one is kept
     max_new_tokens: int = _D["max_new_tokens"]
@@ -71,9 +73,10 @@ def judge(text: str | None, label: str, classes: Sequence[str], synonyms: dict[s
 
 
 def generate_with_model(
-    model: Any, encoder: SampleEncoder, examples: Sequence[Example], sc: SarrConfig, seed: int
+    model: Any, encoder: SampleEncoder, examples: Sequence[Example], sc: SarrConfig, seed: int,
+    prompt: str | None = None,
 ) -> list[list[str]]:
-    """n chains per example from the live model (left-padded batched ``generate``)."""
+    """n answers per example from the live model (left-padded batched ``generate``); q_reason by default."""
     import torch
     from tqdm import tqdm
 
@@ -89,11 +92,10 @@ def generate_with_model(
         for lo in tqdm(range(0, len(examples), sc.batch_size), desc="sarr generate", unit="batch",
                        disable=not show_progress()):
             chunk = examples[lo : lo + sc.batch_size]
-            text = [encoder.prompt_text(encoder.q_reason)] * len(chunk)
-            enc = encoder.processor(
-                text=text, images=[load_image(e.image) for e in chunk], return_tensors="pt", padding=True,
-                **encoder.processor_kwargs,
-            )
+            text = [encoder.prompt_text(prompt or encoder.q_reason)] * len(chunk)
+            # one image list per text (Gemma3 / Idefics3 need it), no second BOS
+            enc = chat.encode(encoder.processor, text, [[load_image(e.image)] for e in chunk], padding=True,
+                              **encoder.processor_kwargs)
             enc = {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
             sample = sc.temperature > 0
             with torch.no_grad():
@@ -139,8 +141,8 @@ def backend_requests(examples: Sequence[Example], encoder: SampleEncoder, sc: Sa
 def processor_options(spec: str, processor_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Backend options that give the backend the student's training processor settings.
 
-    vLLM takes them all as ``mm_processor_kwargs``; the hf backend reads the image budget
-    (``max_pixels`` / ``min_pixels``); other backends serve no student.
+    vLLM takes them all as ``mm_processor_kwargs``, the hf backend as ``processor_kwargs`` (passed
+to every processor call, as in training); other backends serve no student.
     """
     if not processor_kwargs:
         return {}
@@ -148,7 +150,7 @@ def processor_options(spec: str, processor_kwargs: dict[str, Any]) -> dict[str, 
     if kind == "vllm":
         return {"mm_processor_kwargs": dict(processor_kwargs)}
     if kind == "hf":
-        return {k: v for k, v in processor_kwargs.items() if k in ("max_pixels", "min_pixels")}
+        return {"processor_kwargs": dict(processor_kwargs)}
     return {}
 
 
@@ -284,6 +286,8 @@ def self_label(
         "rejection_rate": rejected / n if n else 0.0,
         "candidate_verdicts": dict(sorted(reasons.items())),
         "train_images": len(kept),
+        "self_chains": n - rejected,
+        "teacher_chains": sum(ex.chain_source == "teacher" for ex in kept),
         "no_correct": sc.no_correct,
     }
     return kept, stats, records

@@ -29,6 +29,7 @@ from dbr_builder.config import (
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import atomic_dir, stable_hash, write_json_atomic
 from dbr_builder.core.locks import stage_lock
+from dbr_builder.core.manifest import load_manifest, manifest_paths, manifest_splits
 from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.log import get_logger
@@ -43,7 +44,7 @@ from trainers.tracking import check_report_to, make_tracker
 PER_DATASET = False
 STAGE = "train"
 
-VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mlp1).*"
+VISION_MODULES = r".*(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|connector|mlp1).*"
 
 logger = get_logger(__name__)
 
@@ -98,6 +99,63 @@ def check_student(spec: str) -> None:
     if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
         raise UserError(f"student {spec!r}: no such model folder; set `student:` / --student to a local folder, "
                         "a Hub id, `tiny` or `tiny:<tower>`")
+
+
+def family_processor_defaults(processor: Any) -> dict[str, Any]:
+    """Image settings a family gets unless the config says otherwise.
+
+    InternVL's processor tiles every image into up to 12 crops plus a thumbnail (a 640x480 image
+    becomes 13 tiles, 3,328 tokens at 448 px), which would spend most of ``max_length`` on image
+    tokens and cut chains; the RD-MLDG student sees one 448 px tile per image. Other families'
+    processors already cap resolution (Qwen: max_pixels; Idefics3/SmolVLM, LLaVA-OV: their own
+    tiling), so they keep their processor's defaults.
+    """
+    name = type(processor).__name__
+    if name.startswith("InternVL"):
+        return {"crop_to_patches": False}
+    return {}
+
+
+def effective_processor_kwargs(processor: Any, configured: dict[str, Any] | None) -> dict[str, Any]:
+    """The family defaults overridden by the config's ``processor_kwargs``."""
+    return {**family_processor_defaults(processor), **(configured or {})}
+
+
+def resplit(by_domain: dict[str, list], c: dict[str, Any], workdir: Path, dataset: str, seed: int) -> dict[str, list]:
+    """The examples with DomainBed's in/out split of ``seed`` (``seed_hash(trial_seed, env)``).
+
+    The published data carries the split of the trial seed it was indexed with; other trial seeds
+    re-split from ``W/manifest/<Dataset>.parquet``, which lists every image of every domain.
+    """
+    from dataclasses import replace
+
+    if not c.get("resplit", True):
+        return by_domain
+    if not manifest_paths(workdir, dataset)[0].exists():
+        if seed == 0:
+            return by_domain  # the published split is DomainBed's trial seed 0 (`dbr index` default)
+        raise UserError(f"trial seed {seed}: re-splitting {dataset} per trial seed needs its manifest "
+                        f"{manifest_paths(workdir, dataset)[0]} (run `dbr index`), or set `resplit: false` "
+                        "to keep the published split")
+    _, meta = load_manifest(workdir, dataset)
+    if int(meta.get("trial_seed", 0)) == seed:
+        return by_domain
+    splits = manifest_splits(workdir, dataset, seed)
+    taken: dict[tuple[str, str], int] = {}
+    out: dict[str, list] = {}
+    for dom, exs in by_domain.items():
+        new = []
+        for ex in exs:
+            key = (ex.domain, ex.image_id)
+            got = splits.get(key)
+            if got is None:
+                raise UserError(f"{dataset}: image {ex.image_id} ({ex.domain}) of the published data is not in "
+                                f"the manifest; publish and manifest differ (rebuild with `dbr publish`)")
+            k = taken.get(key, 0)
+            taken[key] = k + 1
+            new.append(replace(ex, dg_split=got[min(k, len(got) - 1)]))
+        out[dom] = new
+    return out
 
 
 def load_student(path: str, c: dict[str, Any], device: Any) -> tuple[Any, Any]:
@@ -173,6 +231,8 @@ def _loop_config(c: dict[str, Any], seed: int):
         max_steps=c["max_steps"], seed=seed, precision=c["precision"],
         gradient_checkpointing=c["gradient_checkpointing"], checkpoint_every=int(c["checkpoint_every"]),
         num_workers=int(c["num_workers"]), tasks=tuple(c["tasks"]), fast_head=bool(o["fast_head"]),
+        max_truncated_fraction=(None if c.get("max_truncated_fraction") is None
+                                else float(c["max_truncated_fraction"])),
     )
 
 
@@ -250,7 +310,7 @@ def train_one(
         train_stage,
         trainable_state,
     )
-    from trainers.select import class_scores, validation_accuracy  # pulls torch
+    from trainers.select import SELECT_MODES, predict_classes, summarize_validation  # pulls torch
 
 
     out = seed_dir(workdir, c["run"], dataset, heldout, seed)
@@ -265,6 +325,7 @@ def train_one(
     if not c["resume"] and any(find_checkpoint(work / d.name) for d in work.iterdir() if d.is_dir()):
         raise UserError(f"{work}: a partial run exists; rerun with --resume, or delete {out} to start over")
 
+    by_domain = resplit(by_domain, c, workdir, dataset, seed)
     train, val, train_domains = lodo_split(by_domain, heldout)
     train = _subsample(train, c["max_train_images"], seed)
     sel = c["select"]
@@ -277,26 +338,32 @@ def train_one(
     student = resolve_student(c["student"], workdir)
     processor, model = load_student(student, c, state.device)
     full = c["finetune"] == "full"
-    encoder = SampleEncoder(processor, classes, max_length=c["max_length"], processor_kwargs=c["processor_kwargs"])
+    proc_kwargs = effective_processor_kwargs(processor, c["processor_kwargs"])
+    encoder = SampleEncoder(processor, classes, max_length=c["max_length"], processor_kwargs=proc_kwargs)
     lc = _loop_config(c, seed)
     sc = _sarr_config(c)
     init_state = trainable_state(model) if sc.init == "restart" and sc.rounds > 0 else None
     seq_batch = int(sel["seq_batch"])
+    sel_mode = sel.get("mode", "scored")
+    if sel_mode not in SELECT_MODES:
+        raise ConfigError(f"train.select.mode={sel_mode!r}; expected one of {', '.join(SELECT_MODES)}")
 
     def validate() -> dict[str, Any]:
-        # Each rank scores its share; accuracy is recomputed from the merged per-image results.
-
-        if state.num_processes == 1:
-            return validation_accuracy(model, encoder, val, seq_batch=seq_batch)
-        preds = _sharded(state, list(range(len(val))), lambda idx: class_scores(
-            model, encoder, [val[i] for i in idx], seq_batch=seq_batch).argmax(1).tolist(), work / "val")
-        ok = [classes[p] == val[i].class_name for i, p in enumerate(preds)]
-        return {"accuracy": sum(ok) / len(ok) if ok else None, "images": len(ok)}
+        # Each rank predicts its share; accuracy is recomputed from the merged per-image predictions.
+        def predict(idx: list[int]) -> list[str | None]:
+            return predict_classes(model, encoder, [val[i] for i in idx], sel_mode, seq_batch=seq_batch,
+                                   max_new_tokens=int(sel.get("max_new_tokens") or (sc.max_new_tokens if sel_mode ==
+                                                                                     "reasoning" else 32)),
+                                   batch_size=sc.batch_size, synonyms=sc.synonyms)
+        preds = _sharded(state, list(range(len(val))), predict, work / "val")
+        return {**summarize_validation(val, preds), "mode": sel_mode}
 
     stages = ["mtct"] + [f"sarr{r}" for r in range(1, sc.rounds + 1)]
     infos: dict[str, dict[str, Any]] = {}
     base_info = {"dataset": dataset, "heldout_domain": heldout, "train_domains": train_domains,
-                 "trial_seed": seed, "base_model": student, "classes": classes}
+                 "trial_seed": seed, "base_model": student, "classes": classes,
+                 # the image encoding the student was trained with; `dbr eval` and the backends reuse it
+                 "processor_kwargs": proc_kwargs, "selection_mode": sel_mode}
     for i, name in enumerate(stages):
         sdir = out / name
         if (sdir / "stage.json").exists():
@@ -317,7 +384,9 @@ def train_one(
                 rejected = sum(not r["kept"] for r in records)
                 stats = {"images": len(records), "rejected": rejected,
                          "rejection_rate": rejected / len(records) if records else 0.0,
-                         "train_images": len(data), "no_correct": sc.no_correct, "reloaded": True}
+                         "train_images": len(data), "self_chains": len(records) - rejected,
+                         "teacher_chains": sum(ex.chain_source == "teacher" for ex in data),
+                         "no_correct": sc.no_correct, "reloaded": True}
             else:
                 gen = _generator(c, sc, model, encoder, student, out, seed * 1000 + i, state, work, swork)
                 data, stats, records = sarr_mod.self_label(train, classes, gen, sc)
@@ -325,22 +394,29 @@ def train_one(
                     sarr_mod.save_records(rec_path, records)
                 state.wait_for_everyone()
             log(f"[train] {name}: rejection rate {stats['rejection_rate']:.3f} "
-                f"({stats['rejected']}/{stats['images']} images without a correct self chain)")
+                f"({stats['rejected']}/{stats['images']} images without a correct self chain; "
+                f"training on {stats['self_chains']} self and {stats['teacher_chains']} teacher chains)")
             info["sarr"] = stats
             extra["self_chains.jsonl"] = rec_path
             if sc.init == "restart" and init_state is not None and find_checkpoint(swork) is None:
                 load_trainable_state(model, init_state)
             if not data:
-                raise UserError(f"{name}: no training images left (every self chain was wrong and "
-                                "sarr.no_correct=drop); use keep_teacher or train MTCT longer")
+                logger.warning(f"[train] {name}: no correct self chain and sarr.no_correct=drop: the round "
+                               "trains on nothing and keeps the previous weights")
         with make_tracker(c["report_to"] if state.is_main_process else ["none"], out / "tensorboard" / name,
                           c["tracking_project"], f"{c['run']}/{dataset}/{heldout}/seed{seed}/{name}",
                           {k: v for k, v in c.items() if k not in _NOT_SETTINGS}) as tracker:
-            res = train_stage(model, encoder, data, lc, swork, resume=True,
-                              desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log, tracker=tracker)
-            info["train"] = res.summary()
+            if data:
+                res = train_stage(model, encoder, data, lc, swork, resume=True,
+                                  desc=f"{dataset}/{heldout}/seed{seed}/{name}", log=log, tracker=tracker)
+                info["train"] = res.summary()
+                steps = res.steps
+            else:
+                info["train"] = {"steps": 0, "samples": 0, "truncated_samples": 0, "truncated_tokens": 0,
+                                 "skipped": "no training images (no correct self chain)"}
+                steps = 0
             info["val"] = validate()
-            tracker.log({"val/accuracy": info["val"]["accuracy"]}, res.steps)
+            tracker.log({"val/accuracy": info["val"]["accuracy"]}, steps)
         log(f"[train] {name}: val accuracy (training domains' out) = {info['val']['accuracy']}")
         if state.is_main_process:
             save_stage(sdir, model, processor, info, full, extra)
@@ -348,7 +424,8 @@ def train_one(
         state.wait_for_everyone()
         infos[name] = info
 
-    # Model selection: best training-domain validation accuracy; ties go to the later stage.
+    # Model selection: best training-domain validation accuracy (mean of the training domains'
+    # `out` accuracies, DomainBed), in the configured mode; ties go to the later stage.
     best = max(stages, key=lambda s: (infos[s]["val"]["accuracy"] or 0.0, stages.index(s)))
     student_json = {
         **base_info,
@@ -357,6 +434,8 @@ def train_one(
         "selected_stage": best,
         "val_accuracy": {s: infos[s]["val"]["accuracy"] for s in stages},
         "rejection_rate": {s: infos[s]["sarr"]["rejection_rate"] for s in stages if "sarr" in infos[s]},
+        "teacher_chains": {s: infos[s]["sarr"].get("teacher_chains") for s in stages if "sarr" in infos[s]},
+        "truncated_samples": {s: infos[s]["train"].get("truncated_samples") for s in stages},
         "run": c["run"],
         "finetune": c["finetune"],
     }

@@ -1,20 +1,43 @@
 """transformers backend: batched ``generate`` with any ``AutoModelForImageTextToText``, CPU or GPU.
 
-Prompts go through the processor's chat template, so any image-text-to-text model with a
-chat template works, including several images interleaved with text in one turn (in-context
-examples). Requests with the same sampling settings are batched together (left padding);
-``n`` candidates come from ``num_return_sequences``. ``adapter=<dir>`` loads a PEFT LoRA
-adapter (from ``dbr train``) on top of the base model.
+Prompts go through the processor's chat template (:mod:`dbr_builder.core.chat`: one image list
+per text, no second BOS, images kept next to their text even where the template reorders them),
+so any image-text-to-text model with a chat template works, including several images interleaved
+with text in one turn (in-context examples). Requests with the same sampling settings are batched
+together, ``batch_size`` sequences at a time (left padding); ``n`` candidates come from
+``num_return_sequences``. Per-request seeds cannot be honoured inside one batch: a batch is seeded
+with its first request's seed. ``adapter=<dir>`` loads a PEFT LoRA adapter (from ``dbr train``) on
+top of the base model; ``processor_kwargs`` (a mapping, e.g. the settings a student was trained
+with) are passed to every processor call. If a batch fails it is retried request by request; each
+such fallback is logged and counted in ``fallbacks``.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from dbr_builder.backends.base import BackendError, Request, Result
+from dbr_builder.core import chat
 from dbr_builder.core.imageprep import load_image
+from dbr_builder.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _processor_kwargs(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):  # inline spec option: processor_kwargs={"crop_to_patches":false}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BackendError(f"hf backend: processor_kwargs={value!r} is not a JSON mapping") from None
+    if not isinstance(value, dict):
+        raise BackendError(f"hf backend: processor_kwargs must be a mapping, got {type(value).__name__}")
+    return dict(value)
 
 
 def _resolve_dtype(dtype: str, device: str):
@@ -38,7 +61,8 @@ class HFBackend:
     def __init__(self, model: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
                  batch_size: int = 8, max_pixels: int | None = None, min_pixels: int | None = None,
                  attn_implementation: str | None = None, trust_remote_code: bool = False,
-                 merge_adapter: bool = False, local_files_only: bool | None = None, fixed_length: bool = False):
+                 merge_adapter: bool = False, local_files_only: bool | None = None, fixed_length: bool = False,
+                 processor_kwargs: dict[str, Any] | str | None = None):
         if model.startswith(("/", "./", "../", "~")) and not Path(model).is_dir():
             # Hub ids never look like this; say "no such folder" (before slow imports), not "bad repo id".
             raise BackendError(f"hf backend: model folder {model!r} not found; give an existing folder or a Hub id")
@@ -69,6 +93,8 @@ class HFBackend:
             if merge_adapter:
                 net = net.merge_and_unload()
         self.net = net.to(self.device).eval()
+        self.processor_kwargs = _processor_kwargs(processor_kwargs)
+        self.fallbacks = 0
         self.fixed_length = bool(fixed_length)  # benchmarks: always generate max_new_tokens
         self.model = f"{model}+{adapter}" if adapter else model
         self.batch_size = max(1, int(batch_size))
@@ -85,10 +111,13 @@ class HFBackend:
 
     @classmethod
     def from_loaded(cls, net: Any, processor: Any, name: str, batch_size: int = 8,
-                    max_pixels: int | None = None, fixed_length: bool = False) -> HFBackend:
+                    max_pixels: int | None = None, fixed_length: bool = False,
+                    processor_kwargs: dict[str, Any] | None = None) -> HFBackend:
         """Wrap a model already in memory (e.g. the student during training)."""
         self = cls.__new__(cls)
         self.fixed_length = fixed_length
+        self.processor_kwargs = _processor_kwargs(processor_kwargs)
+        self.fallbacks = 0
         self.net, self.processor, self.model = net, processor, name
         self.device = str(next(net.parameters()).device)
         self.batch_size, self.max_pixels, self.min_pixels = batch_size, max_pixels, None
@@ -102,7 +131,8 @@ class HFBackend:
         self.pad_id = tok.pad_token_id
         return self
 
-    def _messages(self, req: Request) -> tuple[list[dict], list[Any]]:
+    def _prompt(self, req: Request) -> tuple[str, list[Any]]:
+        """The rendered prompt of one request and its images, in order."""
         parts, images = [], []
         for p in req.content:
             if p.get("type") == "image":
@@ -111,18 +141,20 @@ class HFBackend:
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": p["text"]})
-        return [{"role": "user", "content": parts}], images
+        return chat.render(self.processor, parts), images
+
+    def _inputs(self, chunk: list[Request]) -> Any:
+        texts, images = [], []
+        for req in chunk:
+            text, imgs = self._prompt(req)
+            texts.append(text)
+            images.append(imgs)
+        return chat.encode(self.processor, texts, images, padding=True, **self.processor_kwargs).to(self.device)
 
     def _run_chunk(self, chunk: list[Request]) -> list[Result]:
         import torch
 
-        texts, images = [], []
-        for req in chunk:
-            msgs, imgs = self._messages(req)
-            texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-            images.extend(imgs)
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
+        inputs = self._inputs(chunk)
         r0 = chunk[0]
         do_sample = r0.temperature > 0
         gen_kw: dict[str, Any] = {"max_new_tokens": r0.max_new_tokens, "do_sample": do_sample,
@@ -152,10 +184,15 @@ class HFBackend:
         return results
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Generate for all requests; one failing chunk is retried request by request."""
+        """Generate for all requests, ``batch_size`` sequences per call.
+
+        Requests are grouped by sampling settings only (not by seed: a batch is seeded with its
+        first request's seed). A failing batch is retried request by request; the fallback is
+        logged and counted in ``self.fallbacks``.
+        """
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(r.n, r.max_new_tokens, r.temperature, r.top_p, r.seed)].append(i)
+            groups[(r.n, r.max_new_tokens, r.temperature, r.top_p)].append(i)
         out: list[Result | None] = [None] * len(requests)
         for (n, *_), idx in groups.items():
             per = max(1, self.batch_size // max(1, n))  # batch_size counts sequences, n per request
@@ -168,11 +205,73 @@ class HFBackend:
                     if len(chunk) == 1:
                         res = [Result(chunk[0].key, [], 0, [], error=f"{_cause(e)}: {e}"[:500])]
                     else:
+                        self.fallbacks += 1
+                        log.warning("hf backend: a batch of %d requests failed (%s: %s); retrying one by one "
+                                    "(fallback %d)", len(chunk), type(e).__name__, str(e)[:200], self.fallbacks)
                         res = [self.generate([r])[0] for r in chunk]
                 for i, r in zip(ids, res, strict=True):
                     out[i] = r
         return [r for r in out if r is not None]
 
+    def score(self, requests: list[Request], candidates: list[str]) -> list[list[float]]:
+        """Log-likelihood of each candidate answer (plus end of turn) after each request's prompt.
+
+        The ``scored`` eval mode and model selection use this: the argmax over class names is
+        the prediction, with no generation and no parsing. Answers are cut exactly as in
+        training (:func:`dbr_builder.core.chat.answer_text`).
+        """
+        import torch
+
+        out: list[list[float]] = []
+        tok = self.tokenizer
+        for req in requests:
+            text, imgs = self._prompt(req)
+            enc = chat.encode(self.processor, [text], [imgs], **self.processor_kwargs)
+            msgs = chat.user_message(self.processor, [p if p.get("type") != "image" else {"type": "image"}
+                                                      for p in req.content])
+            answers = [tok(chat.answer_text(self.processor, msgs, c), add_special_tokens=False)["input_ids"]
+                       for c in candidates]
+            scores: list[float] = []
+            per = max(1, self.batch_size)
+            for lo in range(0, len(answers), per):
+                group = answers[lo:lo + per]
+                scores.extend(self._score_group(enc, group, torch))
+            out.append(scores)
+        return out
+
+    def _score_group(self, enc: Any, answers: list[list[int]], torch: Any) -> list[float]:
+        prompt = enc["input_ids"][0]
+        n = prompt.shape[0]
+        width = n + max(len(a) for a in answers)
+        b = len(answers)
+        ids = torch.full((b, width), self.pad_id if self.pad_id is not None else 0, dtype=torch.long)
+        attn = torch.zeros((b, width), dtype=torch.long)
+        for r, a in enumerate(answers):
+            ids[r, :n] = prompt
+            ids[r, n:n + len(a)] = torch.tensor(a, dtype=torch.long)
+            attn[r, :n + len(a)] = 1
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": attn}
+        for k, v in enc.items():
+            if k in ("input_ids", "attention_mask"):
+                continue
+            if hasattr(v, "dim") and v.dim() == 2 and v.shape[0] == 1 and v.shape[1] == n:
+                ext = torch.zeros((b, width), dtype=v.dtype)
+                ext[:, :n] = v[0]
+                inputs[k] = ext
+            elif hasattr(v, "dim") and v.dim() >= 1:
+                # vision tensors are laid out per image / tile / patch along axis 0: one copy per row
+                inputs[k] = torch.cat([v] * b, dim=0)
+            else:
+                inputs[k] = v
+        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            logits = self.net(**inputs).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        res = []
+        for r, a in enumerate(answers):
+            tgt = torch.tensor(a, device=logp.device)
+            res.append(float(logp[r, n - 1:n - 1 + len(a)].gather(1, tgt[:, None]).sum()))
+        return res
     def close(self) -> None:
         """Drop this backend's reference to the model and free cached GPU memory (safe to call twice).
 

@@ -191,3 +191,68 @@ def check_rows(rows: list[dict[str, Any]], sample: int = 1000) -> None:
         if err is not None:
             where = ".".join(map(str, err.absolute_path)) or "<row>"
             raise ValueError(f"manifest row {row.get('path')!r}: {where}: {err.message}")
+
+
+def _listing_key(cls: str, path: str) -> tuple[str, str, str]:
+    """Sort key of a ``<domain>/<class>/.../<file>`` path in ImageFolder's ``make_dataset`` order."""
+    d, _, f = path.rpartition("/")
+    return (cls, d, f)
+
+
+def load_quarantine(workdir: str | Path, dataset: str) -> list[dict[str, Any]]:
+    """The images ``dbr index`` set aside (they still count in DomainBed's listing)."""
+    path = manifest_paths(workdir, dataset)[2]
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def splits_for_seed(rows: list[dict[str, Any]], quarantined: list[dict[str, Any]], trial_seed: int,
+                    holdout_fraction: float = 0.2) -> list[str]:
+    """DomainBed's in/out split of every manifest row for ``trial_seed`` (same order as ``rows``).
+
+    DomainBed draws each environment's split from ``seed_hash(trial_seed, env_index)`` over the
+    whole ImageFolder listing of that domain, so every trial seed has its own split. The listing
+    is rebuilt from the rows plus the quarantined (unreadable) images, which DomainBed's listing
+    also holds.
+    """
+    envs: dict[str, int] = {}
+    listing: dict[int, list[tuple[tuple[str, str, str], int | None]]] = {}
+    for i, r in enumerate(rows):
+        env = int(r["domain_index"])
+        envs[r["domain"]] = env
+        listing.setdefault(env, []).append((_listing_key(r["class_name"], r["path"]), i))
+    for q in quarantined:
+        env = envs.get(q.get("domain", ""))
+        if env is not None:
+            listing[env].append((_listing_key(q["class_name"], q["path"]), None))
+    out = ["in"] * len(rows)
+    for env, items in listing.items():
+        items.sort(key=lambda t: t[0])
+        held = holdout_keys(len(items), trial_seed, env, holdout_fraction)
+        for k, (_, i) in enumerate(items):
+            if i is not None and k in held:
+                out[i] = "out"
+    return out
+
+
+def manifest_splits(workdir: str | Path, dataset: str, trial_seed: int) -> dict[tuple[str, str], list[str]]:
+    """``{(domain, image_id): [split, ...]}`` for ``trial_seed`` from ``W/manifest`` (listing order).
+
+    Checks first that the rule reproduces the split stored by ``dbr index`` for its own trial
+    seed, so a manifest whose listing cannot be rebuilt is refused rather than split wrongly.
+    """
+    df, meta = load_manifest(workdir, dataset)
+    rows = df.to_dicts()
+    quarantined = load_quarantine(workdir, dataset)
+    frac = float(meta.get("holdout_fraction", 0.2))
+    stored = [r["split"] for r in rows]
+    if splits_for_seed(rows, quarantined, int(meta.get("trial_seed", 0)), frac) != stored:
+        raise UserError(f"{manifest_paths(workdir, dataset)[0]}: the stored in/out split cannot be reproduced "
+                        f"from the listing; rebuild it with `dbr index {dataset}`")
+    splits = stored if int(meta.get("trial_seed", 0)) == trial_seed else splits_for_seed(rows, quarantined, trial_seed, frac)
+    out: dict[tuple[str, str], list[str]] = {}
+    for r, s in zip(rows, splits, strict=True):
+        out.setdefault((r["domain"], r["image_id"]), []).append(s)
+    return out

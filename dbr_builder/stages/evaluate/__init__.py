@@ -7,10 +7,13 @@
 - *models* given by backend SPEC (``hf:``, ``vllm:``, ``openai:``; e.g. GPT-4o or a ``vllm serve``
   endpoint as baselines, optionally with a LoRA ``adapter``) on every held-out domain,
 
-in one or more modes: ``direct`` (q_cls, answer parsed to a class), ``reasoning`` (q_reason, class
+in one or more modes: ``scored`` (class log-likelihood argmax after q_cls: what model selection
+measures; hf backend), ``direct`` (q_cls, answer parsed to a class), ``reasoning`` (q_reason, class
 read from ``<CONCLUSION>``), ``choice`` (the OOD-generalization paper's zero-shot ``Answer Choice:``
 protocol) and ``icl`` (k labelled examples from the training domains before the query). The
-held-out domain is evaluated on all its images (DomainBed's test-domain protocol).
+held-out domain is evaluated on its ``in`` split of the job's trial seed (DomainBed reports the test
+environment's ``in`` split; ``test_split: out | all`` for the others). Every record carries the id
+of the prompt templates it was made with.
 
 Requests go through :func:`dbr_builder.backends.make_backend` in batches. Every answer is appended
 to ``W/runs/<run>/eval/predictions/<job>.jsonl`` as soon as its batch returns, so an interrupted
@@ -33,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbr_builder.backends import KINDS, BackendError, Request, make_backend, parse_spec, redact_spec
+from dbr_builder.backends import KINDS, BackendError, Request, Result, make_backend, parse_spec, redact_spec
 from dbr_builder.config import (
     add_option,
     load_stage_config,
@@ -47,7 +50,7 @@ from dbr_builder.core import prompts
 from dbr_builder.core import workdir as wdl
 from dbr_builder.core.fsutil import naming, stable_hash, tree_fingerprint, write_json_atomic
 from dbr_builder.core.locks import stage_lock
-from dbr_builder.core.manifest import image_path, load_manifest
+from dbr_builder.core.manifest import image_path, load_manifest, load_quarantine, splits_for_seed
 from dbr_builder.core.sanitize import clean_text, redact
 from dbr_builder.core.workdir import check_name
 from dbr_builder.errors import ConfigError
@@ -60,9 +63,12 @@ from dbr_builder.stages.evaluate.results import load_paper_table, write_reports
 
 PER_DATASET = False
 
-MODES = ("direct", "reasoning", "choice", "icl")
+MODES = ("scored", "direct", "reasoning", "choice", "icl")
 _D = schema_defaults("eval")  # every option default, defined once in schemas/stages/eval.schema.json
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = _D["max_new_tokens"]
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"scored": 0, **_D["max_new_tokens"]}
+TEST_SPLITS = ("in", "out", "all")
+PROMPTS_OF = {"scored": ["q_cls"], "direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
+              "icl": ["zeroshot_choice", "icl_example", "icl_query"]}
 STUDENT_FIELDS = ("base_model", "dataset", "heldout_domain", "trial_seed", "classes")
 
 
@@ -153,6 +159,19 @@ def _student_spec(base_model: str, kind: str) -> str:
     return base_model if head in KINDS and ":" in base_model else f"{kind}:{base_model}"
 
 
+def student_options(cfg: dict[str, Any], student: dict[str, Any], kind: str = "hf") -> dict[str, Any]:
+    """Backend options of a student: the config's ``student_options`` plus the processor settings it
+    was trained with (``student.json`` ``processor_kwargs``), so it is evaluated on the same image
+    encoding without the user repeating them (hf: ``processor_kwargs``, vllm: ``mm_processor_kwargs``);
+    settings given in ``student_options`` win key by key."""
+    opts = dict(cfg.get("student_options") or {})
+    trained = student.get("processor_kwargs") or {}
+    if trained:
+        key = "mm_processor_kwargs" if kind == "vllm" else "processor_kwargs"
+        opts[key] = {**trained, **(opts.get(key) or {})}
+    return opts
+
+
 def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]]) -> list[Job]:
     """Expand the eval config into jobs; ``domains`` maps each dataset to its sorted domains."""
     cfg = resolve("eval", cfg)
@@ -170,6 +189,11 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
         students_run = students_run_of(cfg)
         found = find_students(workdir, students_run, datasets)
         smodes = _mode_list(cfg["student_modes"], "student_modes")
+        if cfg["student_backend"] != "hf" and "scored" in smodes:
+            # `scored` (what model selection measures) needs a backend that scores answers
+            logger.warning("eval: mode `scored` needs student_backend hf; skipped for %s students",
+                        cfg["student_backend"])
+            smodes = [m for m in smodes if m != "scored"]
         for st in found:
             if heldouts and st["heldout_domain"] not in heldouts:
                 continue
@@ -178,7 +202,7 @@ def plan_jobs(cfg: dict[str, Any], workdir: Path, domains: dict[str, list[str]])
                     jobs.append(Job(cfg["student_name"] or students_run,
                                     _student_spec(st["base_model"], cfg["student_backend"]),
                                     st["adapter_dir"], mode, k, st["dataset"], st["heldout_domain"],
-                                    int(st["trial_seed"]), _options_json(cfg["student_options"])))
+                                    int(st["trial_seed"]), _options_json(student_options(cfg, st, cfg["student_backend"]))))
         if not found and not cfg["models"]:
             raise ConfigError(
                 f"no trained students under {workdir / 'runs' / students_run}/<Dataset>/<heldout>/seed<k>/final/"
@@ -216,8 +240,8 @@ def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: 
                   examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The user turn of one request (image parts carry absolute paths)."""
     img = str(image_path(meta, row["path"]))
-    if job.mode in ("direct", "reasoning"):
-        name = "q_cls" if job.mode == "direct" else "q_reason"
+    if job.mode in ("scored", "direct", "reasoning"):
+        name = "q_reason" if job.mode == "reasoning" else "q_cls"
         return [{"type": "image", "path": img},
                 {"type": "text", "text": prompts.render(name, **prompts.class_fields(classes))}]
     if job.mode == "choice":
@@ -228,8 +252,7 @@ def build_content(job: Job, row: dict[str, Any], meta: dict[str, Any], classes: 
 
 def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
     """Everything that changes a job's answers (its prediction file is named by this hash)."""
-    names = {"direct": ["q_cls"], "reasoning": ["q_reason"], "choice": ["zeroshot_choice"],
-             "icl": ["zeroshot_choice", "icl_example", "icl_query"]}[job.mode]
+    names = PROMPTS_OF[job.mode]
     return {
         "spec": job.spec, "options": json.loads(job.options), "mode": job.mode, "shots": job.shots,
         "adapter": job.adapter,
@@ -240,7 +263,22 @@ def job_fingerprint(job: Job, cfg: dict[str, Any]) -> dict[str, Any]:
         "top_p": float(cfg["top_p"]), "seed": int(cfg["seed"]),
         "icl_split": cfg["icl_split"] if job.mode == "icl" else None,
         "trial_seed": job.trial_seed, "dataset": job.dataset, "heldout": job.heldout,
+        "test_split": test_split(cfg),
     }
+
+
+def test_split(cfg: dict[str, Any]) -> str:
+    """Which images of the held-out domain are evaluated: DomainBed's ``in`` split by default."""
+    split = cfg.get("test_split", "in")
+    if split not in TEST_SPLITS:
+        raise ConfigError(f"eval.test_split={split!r}; expected one of {', '.join(TEST_SPLITS)}")
+    return split
+
+
+def prompt_id(mode: str) -> str:
+    """One id for the prompt templates a mode uses (stored with every eval record)."""
+    ids = [prompts.prompt_id(n) for n in PROMPTS_OF[mode]]
+    return ids[0] if len(ids) == 1 else stable_hash(ids)[:16]
 
 
 def job_file(eval_dir: Path, job: Job, cfg: dict[str, Any]) -> Path:
@@ -298,13 +336,26 @@ class DatasetData:
     meta: dict[str, Any]
     classes: list[str] = field(default_factory=list)
     domains: list[str] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    _by_seed: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def rows_for(self, trial_seed: int) -> list[dict[str, Any]]:
+        """The rows with DomainBed's in/out split of ``trial_seed`` (``seed_hash(trial_seed, env)``)."""
+        if trial_seed == int(self.meta.get("trial_seed", 0)):
+            return self.rows
+        if trial_seed not in self._by_seed:
+            splits = splits_for_seed(self.rows, self.quarantined, trial_seed,
+                                     float(self.meta.get("holdout_fraction", 0.2)))
+            self._by_seed[trial_seed] = [{**r, "split": sp} for r, sp in zip(self.rows, splits, strict=True)]
+        return self._by_seed[trial_seed]
 
 
 def _load_datasets(workdir: Path, names: Sequence[str]) -> dict[str, DatasetData]:
     out = {}
     for ds in names:
         df, meta = load_manifest(workdir, ds)
-        out[ds] = DatasetData(df.to_dicts(), meta, list(meta["classes"]), list(meta["domains"]))
+        out[ds] = DatasetData(df.to_dicts(), meta, list(meta["classes"]), list(meta["domains"]),
+                              load_quarantine(workdir, ds))
     return out
 
 
@@ -321,11 +372,14 @@ def _datasets_of(cfg: dict[str, Any], workdir: Path) -> list[str]:
     return found
 
 
-def _eval_items(job: Job, data: DatasetData, limit: int | None) -> list[dict[str, Any]]:
-    rows = [r for r in data.rows if r["domain"] == job.heldout]
+def _eval_items(job: Job, data: DatasetData, limit: int | None, split: str = "in") -> list[dict[str, Any]]:
+    """The held-out domain's images that are evaluated: its ``split`` rows for the job's trial seed."""
+    rows = [r for r in data.rows_for(job.trial_seed) if r["domain"] == job.heldout]
     if not rows:
         raise ConfigError(f"{job.dataset}: held-out domain {job.heldout!r} has no images in the manifest "
                           f"(domains: {', '.join(data.domains)})")
+    if split != "all":
+        rows = [r for r in rows if r["split"] == split]
     if limit:
         # image_id is a content hash: sorting by it is a fixed, class-mixed sample
         rows = sorted(rows, key=lambda r: r["image_id"])[:limit]
@@ -349,18 +403,32 @@ def _free(backend: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def _score(backend: Any, reqs: list[Request], classes: list[str], job: Job) -> dict[str, Result]:
+    """``scored`` mode: the class with the highest answer log-likelihood (hf backend only)."""
+    score = getattr(backend, "score", None)
+    if not callable(score):
+        raise ConfigError(f"eval: mode `scored` needs a backend that scores answers (hf); "
+                          f"{redact_spec(job.spec)!r} does not")
+    out = {}
+    for req, sc in zip(reqs, score(reqs, list(classes)), strict=True):
+        best = max(range(len(classes)), key=lambda i: sc[i])
+        out[req.key] = Result(req.key, [classes[best]], 0, ["scored"])
+    return out
+
+
 def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, path: Path,
             progress: bool = True) -> dict[str, int]:
     """Generate the missing answers of one job, appending each batch to ``path``."""
     from tqdm import tqdm
 
 
-    items = _eval_items(job, data, cfg["limit"])
+    items = _eval_items(job, data, cfg["limit"], test_split(cfg))
     done = {k for k, r in read_predictions(path).items() if r.get("error") is None}
     todo = [r for r in items if r["image_id"] not in done]
     if not todo:
         return {"items": len(items), "generated": 0, "errors": 0}
-    pool = group_pool(icl_pool(data.rows, job.heldout, cfg["icl_split"])) if job.mode == "icl" else None
+    pool = (group_pool(icl_pool(data.rows_for(job.trial_seed), job.heldout, cfg["icl_split"]))
+            if job.mode == "icl" else None)
     seed = int(cfg["seed"])
     backend = backend_factory()
     errors = 0
@@ -376,7 +444,10 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
                                 n=1, max_new_tokens=_max_new_tokens(cfg, job.mode),
                                 temperature=float(cfg["temperature"]),
                                 top_p=float(cfg["top_p"]), seed=seed))
-        results = {r.key: r for r in backend.generate(reqs)}
+        if job.mode == "scored":
+            results = _score(backend, reqs, data.classes, job)
+        else:
+            results = {r.key: r for r in backend.generate(reqs)}
         recs = []
         for row in batch:
             res = results.get(row["image_id"])
@@ -388,7 +459,7 @@ def run_job(job: Job, backend_factory, cfg: dict[str, Any], data: DatasetData, p
                 "image_id": row["image_id"], "domain": row["domain"], "class_name": row["class_name"],
                 "text": None if err else clean_text(res.texts[0]),
                 "finish_reason": (res.finish_reasons[0] if res and res.finish_reasons else None),
-                "out_tokens": res.out_tokens if res else 0, "error": err,
+                "out_tokens": res.out_tokens if res else 0, "error": err, "prompt_id": prompt_id(job.mode),
                 **({"examples": extras[row["image_id"]]} if job.mode == "icl" else {}),
             })
         append_predictions(path, recs)
@@ -409,16 +480,19 @@ def collect_records(jobs: list[Job], cfg: dict[str, Any], data: dict[str, Datase
     for job in jobs:
         d = data[job.dataset]
         preds = read_predictions(job_file(eval_dir, job, cfg))
-        for row in _eval_items(job, d, cfg["limit"]):
+        for row in _eval_items(job, d, cfg["limit"], test_split(cfg)):
             rec = preds.get(row["image_id"])
             if rec is None or rec.get("error") is not None:
                 pred, status = None, "error"
+            elif job.mode == "scored":  # the stored text is the argmax class itself
+                pred = rec.get("text") if rec.get("text") in d.classes else None
+                status = "ok" if pred is not None else "no_match"
             else:
                 parsed = parse_answer(job.mode, rec.get("text"), d.classes, syn[job.dataset])
                 pred, status = parsed.pred, parsed.status
             out.append({"method": job.method, "dataset": job.dataset, "heldout_domain": job.heldout,
                         "trial_seed": job.trial_seed, "image_id": row["image_id"], "label": row["class_name"],
-                        "pred": pred, "status": status})
+                        "pred": pred, "status": status, "prompt_id": prompt_id(job.mode)})
     return out
 
 
@@ -678,20 +752,22 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             cfg["heldout_domains"] = args.heldout_domains or [info["heldout_domain"]]
             cfg["trial_seeds"] = args.trial_seeds or [int(info["trial_seed"])]
             adapter = student_adapter(adir, info)
+            options = student_options(cfg, info, spec.split(":", 1)[0].lower())
             # W/runs/<run>/<Dataset>/<heldout>/seed<k>/final: name the row after the run
             parents = adir.resolve().parents
             label = parents[3].name if len(parents) > 3 and adir.name == "final" else adir.name
         elif not args.model:
             raise ConfigError(f"--adapter {adir}: no student.json there; give its base model with --model SPEC")
         else:
-            spec, adapter, label = args.model, str(adir.resolve()), args.model
+            spec, adapter, label, options = args.model, str(adir.resolve()), args.model, {}
         default_modes = ["direct", "reasoning"]
     else:
-        spec, adapter, label, default_modes = args.model, None, args.model, ["choice"]
+        spec, adapter, label, default_modes, options = args.model, None, args.model, ["choice"], {}
     if args.model or args.adapter:
         cfg["students"] = False
         cfg["models"] = [{"name": args.name or label,
                           "spec": spec, **({"adapter": adapter} if adapter else {}),
+                          **({"options": options} if options else {}),
                           "modes": args.modes or default_modes}]
     elif args.modes:
         cfg["student_modes"] = args.modes

@@ -147,7 +147,7 @@ def icl_content(
     for i, (path, cls) in enumerate(examples, start=1):
         content.append({"type": "image", "path": path})
         content.append({"type": "text", "text": render("icl_example", index=i, num_examples=n,
-                                                       answer=display_name(cls))})
+                                                       answer=display_name(cls), choices=choices_text(classes))})
     content.append({"type": "image", "path": query_image})
     content.append({"type": "text", "text": render("icl_query", num_examples=n,
                                                    choices=choices_text(classes))})
