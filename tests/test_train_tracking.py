@@ -29,7 +29,8 @@ def trained(synth_root, tiny_model_path, tmp_path_factory):
     write_hub(rows_from_synth(synth_root / DS), w / "hub", DS)
     cfg = w / "train.yaml"
     cfg.write_text(f"student: {tiny_model_path}\nbatch_size: 8\nmicro_batch_size: 4\nepochs: 1\nmax_steps: 2\n"
-                   "max_length: 512\nsarr: {rounds: 0}\nselect: {max_images: 8}\nrun: tracked\n")
+                   "max_length: 512\nsarr: {rounds: 0}\nselect: {max_images: 8}\nrun: tracked\n"
+                   "resplit: false\n")  # the test hub has no manifest to re-split from
     assert main(["train", "--config", str(cfg), "--workdir", str(w), "--dataset", DS, "--heldout", "sketch",
                  "--trial-seed", "1"]) == 0
     return w, cfg, w / "runs" / "tracked" / DS / "sketch" / "seed1"
