@@ -18,6 +18,39 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir through `publish` on SynthShapes (2 images per class, oracle teacher); read only.
+
+    Modules that need other sizes define their own ``built`` (test_cli_errors.py).
+    """
+    import contextlib
+    import io
+
+    from dbr_builder.cli import main
+
+    w = tmp_path_factory.mktemp("w")
+    ds = "SynthShapes"
+    for argv in (["synth", "--root", str(w / "raw"), "--per-class", "2", "--image-size", "32"],
+                 ["index", ds, "--root", str(w / "raw"), "-w", str(w), "--workers", "1"],
+                 ["generate", ds, "-w", str(w), "--teacher", "oracle", "--n", "2", "--no-progress"],
+                 ["filter", ds, "-w", str(w)],
+                 ["publish", "-w", str(w)]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(argv) == 0, argv
+    return w
+
+
+@pytest.fixture
+def work(built: Path, tmp_path: Path) -> Path:
+    """A private copy of ``built`` (tests may break it); the manifest's root still points at built/raw."""
+    import shutil
+
+    w = tmp_path / "w"
+    shutil.copytree(built, w, symlinks=True)
+    return w
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2-VL-family student, built from a config with a locally trained tokenizer."""
     from trainers.tiny_model import build_tiny_model

@@ -34,27 +34,6 @@ def _quiet(argv: list[str]) -> int:
         return main(argv)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workdir through `publish` on SynthShapes (2 images per class, oracle teacher)."""
-    w = tmp_path_factory.mktemp("w")
-    for argv in (["synth", "--root", str(w / "raw"), "--per-class", "2", "--image-size", "32"],
-                 ["index", DS, "--root", str(w / "raw"), "-w", str(w), "--workers", "1"],
-                 ["generate", DS, "-w", str(w), "--teacher", "oracle", "--n", "2", "--no-progress"],
-                 ["filter", DS, "-w", str(w)],
-                 ["publish", "-w", str(w)]):
-        assert _quiet(argv) == 0, argv
-    return w
-
-
-@pytest.fixture
-def work(built: Path, tmp_path: Path) -> Path:
-    w = tmp_path / "w"
-    shutil.copytree(built, w, symlinks=True)
-    # the manifest's root points at the built tree; that is fine (read only)
-    return w
-
-
 class Holder:
     """A child process holding ``stage_lock(workdir, name)`` until stopped."""
 
