@@ -131,10 +131,17 @@ def _ids(tokenizer: Any, *tokens: str) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
-def _generation_config(model: Any, eos: list[int], pad: int, bos: int | None = None) -> None:
+def _save(dest: Path, model_cls: Any, config: Any, processor: Any, seed: int, eos: list[int], pad: int,
+          bos: int | None = None) -> None:
+    """Random-init ``model_cls(config)`` from ``seed``, greedy generation config, model + processor into ``dest``."""
+    import torch
     from transformers import GenerationConfig
 
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, do_sample=False)
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +150,6 @@ def _generation_config(model: Any, eos: list[int], pad: int, bos: int | None = N
 
 def build_internvl(dest: Path, seed: int) -> None:
     """InternVL3 (-hf layout): InternViT + pixel-shuffle MLP projector + Qwen2 LM; GotOcr2 tiling."""
-    import torch
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -173,16 +179,11 @@ def build_internvl(dest: Path, seed: int) -> None:
                      "eos_token_id": eos, "pad_token_id": pad, "tie_word_embeddings": False},
         image_token_id=img, downsample_ratio=0.5, vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    _generation_config(model, [eos, pad], pad)
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
+    _save(dest, InternVLForConditionalGeneration, config, processor, seed, [eos, pad], pad)
 
 
 def build_qwen3_vl(dest: Path, seed: int) -> None:
     """Qwen3-VL: ViT (patch 16, merge 2, deepstack) + Qwen3 LM with interleaved M-RoPE."""
-    import torch
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -211,16 +212,11 @@ def build_qwen3_vl(dest: Path, seed: int) -> None:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    _generation_config(model, [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"])
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
+    _save(dest, Qwen3VLForConditionalGeneration, config, processor, seed, [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"])
 
 
 def build_gemma3(dest: Path, seed: int) -> None:
     """Gemma 3: SigLIP + average-pooled projector + Gemma3 LM; the template renders ``<bos>``."""
-    import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -246,16 +242,11 @@ def build_gemma3(dest: Path, seed: int) -> None:
         mm_tokens_per_image=tokens, boi_token_index=boi, eoi_token_index=eoi, image_token_index=img,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    _generation_config(model, [eot, eos], pad, bos)
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
+    _save(dest, Gemma3ForConditionalGeneration, config, processor, seed, [eot, eos], pad, bos)
 
 
 def build_idefics3(dest: Path, seed: int) -> None:
     """Idefics3: SigLIP + pixel-shuffle connector + Llama 3 LM; images split into tiles + a global view."""
-    import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -282,16 +273,11 @@ def build_idefics3(dest: Path, seed: int) -> None:
                      "eos_token_id": eou, "pad_token_id": eot},
         image_token_id=img, scale_factor=scale, tie_word_embeddings=False, pad_token_id=eot,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    _generation_config(model, [eou, eot], eot, bos)
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
+    _save(dest, Idefics3ForConditionalGeneration, config, processor, seed, [eou, eot], eot, bos)
 
 
 def build_llava_onevision(dest: Path, seed: int) -> None:
     """LLaVA-OneVision (Qwen2): SigLIP + MLP projector, anyres tiling; the template puts images first."""
-    import torch
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -319,11 +305,7 @@ def build_llava_onevision(dest: Path, seed: int) -> None:
         image_token_index=img, video_token_index=vid, image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    _generation_config(model, [eos, pad], pad)
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
+    _save(dest, LlavaOnevisionForConditionalGeneration, config, processor, seed, [eos, pad], pad)
 
 
 # ---------------------------------------------------------------------------------------------
