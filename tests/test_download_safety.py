@@ -40,7 +40,8 @@ def make_zip(path: Path, members: list[tuple[str, bytes, int | None]]) -> Path:
 
 
 def make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
+    """members: TarInfo (links, dirs, devices) or (name, data); gzip when ``path`` ends in .gz."""
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tf:
         for m in members:
             if isinstance(m, tarfile.TarInfo):
                 tf.addfile(m)

@@ -13,11 +13,11 @@ import os
 import shutil
 import stat
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from test_download_safety import make_tar, make_zip
 
 from dbr_builder.cli import main
 from dbr_builder.core.workdir import check_name
@@ -45,28 +45,6 @@ def _dir(name: str) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.type = tarfile.DIRTYPE
     return ti
-
-
-def make_tar(path: Path, members: list) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tf.addfile(m)
-            else:
-                ti = tarfile.TarInfo(m[0])
-                ti.size = len(m[1])
-                tf.addfile(ti, io.BytesIO(m[1]))
-    return path
-
-
-def make_zip(path: Path, members: list[tuple[str, bytes, int | None]]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data, mode in members:
-            zi = zipfile.ZipInfo(name)
-            if mode is not None:
-                zi.external_attr = mode << 16
-            zf.writestr(zi, data)
-    return path
 
 
 LINK = stat.S_IFLNK | 0o777
