@@ -7,6 +7,7 @@ it and the trainer's scene-based extras, so none of them imports another stage.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,21 @@ SPURIOUS_VALUES: dict[str, tuple[str, ...]] = {
     "background": ("sky blue", "peach", "mint", "lavender", "sand", "light gray"),
     "color": ("red", "blue", "green", "yellow", "purple", "teal"),
 }
+def shape_vertices(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    """Outline of ``shape`` centred at (cx, cy) with radius ``r`` and rotation ``rot`` (radians), unit coordinates."""
+    if shape == "circle":
+        n, radii = 64, [r]
+    elif shape == "star":
+        n, radii = 10, [r, r * 0.45]
+    else:
+        n, radii = CLASSES[shape][0], [r]
+    return [
+        (cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n - math.pi / 2),
+         cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n - math.pi / 2))
+        for i in range(n)
+    ]
+
+
 META_FILE = "synth.json"
 SCENES_FILE = "scenes.jsonl"
 

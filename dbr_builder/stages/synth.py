@@ -56,6 +56,7 @@ from dbr_builder.core.scenes import (  # noqa: F401  (re-exported: the stage's v
     STYLES,
     VARIANTS,
     load_scenes,
+    shape_vertices,
     spurious_value,
 )
 from dbr_builder.errors import ConfigError, UserError
@@ -64,20 +65,6 @@ from dbr_builder.log import show_progress
 
 def _rng(*key: Any) -> random.Random:
     return random.Random(int(hashlib.sha256(repr(key).encode()).hexdigest()[:16], 16))
-
-
-def _vertices(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
-    if shape == "circle":
-        n, radii = 64, [r]
-    elif shape == "star":
-        n, radii = 10, [r, r * 0.45]
-    else:
-        n, radii = CLASSES[shape][0], [r]
-    return [
-        (cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n - math.pi / 2),
-         cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n - math.pi / 2))
-        for i in range(n)
-    ]
 
 
 def _position_name(cx: float, cy: float) -> str:
@@ -100,7 +87,7 @@ def _mask(size: int, pts: list[tuple[float, float]]) -> Image.Image:
 
 def render(scene: dict[str, Any], size: int, rng: random.Random) -> Image.Image:
     """Draw one scene in its domain's style."""
-    pts = [(x * size, y * size) for x, y in _vertices(
+    pts = [(x * size, y * size) for x, y in shape_vertices(
         scene["shape"], scene["cx"], scene["cy"], scene["size_frac"], math.radians(scene["rotation_deg"]))]
     fill = tuple(scene["fill_rgb"])
     bg = BACKGROUNDS[scene["background"]]
