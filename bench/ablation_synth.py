@@ -75,8 +75,9 @@ def run_variant(task: dict) -> dict:
     test = by_domain[a["heldout"]]
     classes = sorted({e.class_name for e in train})
     tasks = {"cls_only": ["cls"], "reason_only": ["reason"]}.get(variant, ["cls", "reason"])
+    # Exact step budgets: epochs set high enough, max_steps caps them (same steps for every variant).
     c = _cfg({"finetune": "full", "batch_size": a["batch_size"], "micro_batch_size": a["batch_size"],
-              "epochs": a["epochs"], "tasks": tasks, "checkpoint_every": 10**6,
+              "epochs": 1000, "max_steps": a["steps"], "tasks": tasks, "checkpoint_every": 10**6,
               "optim": {"lr": a["lr"], "warmup_ratio": 0.05, "betas": [0.9, a["beta2"]]}})
     torch.manual_seed(seed)
     processor, model = load_student(task["student"], c, torch.device("cpu"))
@@ -87,16 +88,17 @@ def run_variant(task: dict) -> dict:
     t0 = time.perf_counter()
     rounds = a["sarr_rounds"] if variant == "mtct_sarr" else 0
     if rounds:
-        lc.epochs = a["epochs"] / 2  # same total steps: half MTCT, half shared by the rounds
+        lc.max_steps = a["steps"] // 2  # same total steps: half MTCT, half shared by the rounds
     train_stage(model, enc, train, lc, work / "mtct", resume=False, desc=variant, log=quiet)
     rejection = []
     if rounds:
         sc = SarrConfig(n=1, temperature=0.0, max_new_tokens=a["max_new_tokens"], batch_size=32)
-        lc.epochs = a["epochs"] / 2 / rounds
+        lc.max_steps = (a["steps"] - a["steps"] // 2) // rounds
         for r in range(1, rounds + 1):
             data, stats, _ = self_label(train, classes, lambda exs: generate_with_model(model, enc, exs, sc, seed), sc)
             rejection.append(stats["rejection_rate"])
-            train_stage(model, enc, data, lc, work / f"sarr{r}", resume=False, desc=f"sarr{r}", log=quiet)
+            if data:  # as the train stage: a round with no correct self chain keeps the previous weights
+                train_stage(model, enc, data, lc, work / f"sarr{r}", resume=False, desc=f"sarr{r}", log=quiet)
     train_secs = time.perf_counter() - t0
 
     pred = class_scores(model, enc, test).argmax(1).tolist()
@@ -182,13 +184,13 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--heldout", default="cartoon")
     p.add_argument("--agreement", type=float, default=0.9, help="background-class agreement in the training domains")
-    p.add_argument("--per-class", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=16, help="images per class and domain (the in split trains)")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (MTCT + SARR splits them)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (chosen on training-domain validation)")
-    p.add_argument("--sarr-rounds", type=int, default=2)
+    p.add_argument("--sarr-rounds", type=int, default=1)
     p.add_argument("--max-length", type=int, default=320)
     p.add_argument("--max-new-tokens", type=int, default=144, help="a whole shape chain (100-125 tokens) + <|im_end|>")
     p.add_argument("--tower", default="shapes", help="tiny student's vision tower (trainers.tiny_model.TOWERS)")
@@ -205,7 +207,7 @@ def main() -> int:
     agreement = {d: args.agreement for d in DOMAINS if d != args.heldout}  # held-out: chance
     root = write_synthshapes(tmp / "raw", seed=0, per_class=args.per_class, image_size=args.image_size,
                              variant="shortcut", spurious={"attribute": "background", "agreement": agreement})
-    student = str(build_tiny_model(tmp / "tiny", tower=args.tower))
+    student = str(build_tiny_model(tower=args.tower))  # the user cache: the tower is pretrained once
     tasks = [{"args": vars(args) | {"out": None, "chart": None}, "variant": v, "seed": s, "root": str(root),
               "student": student, "work": str(tmp / "runs")} for s in args.seeds for v in args.variants]
     results = []

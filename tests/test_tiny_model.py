@@ -223,3 +223,54 @@ def test_lora_wraps_vision_and_language_linears(loaded) -> None:
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
     finally:
         peft_model.unload()  # the module-scoped model is shared with other tests
+
+
+def test_tower_pretraining_corpus_and_settings() -> None:
+    """The silhouette corpus is deterministic, covers all six outlines, and carries no colour cue;
+    bad `pretrain` settings are refused with the allowed keys named."""
+    import random
+
+    from trainers.tiny_model import PRETRAIN_SHAPES, build_spec, silhouette, tower_settings
+
+    a = [silhouette(random.Random(7)) for _ in range(3)]
+    b = [silhouette(random.Random(7)) for _ in range(3)]
+    assert [x[1] for x in a] == [x[1] for x in b] and a[0][0].tobytes() == b[0][0].tobytes()
+    rng = random.Random(0)
+    samples = [silhouette(rng, 32) for _ in range(240)]
+    assert {label for _, label in samples} == set(range(len(PRETRAIN_SHAPES))) and len(PRETRAIN_SHAPES) == 6
+    # The corner pixel is the background; its mean colour must not tell the shapes apart.
+    means = {}
+    for img, label in samples:
+        means.setdefault(label, []).append(sum(img.getpixel((0, 0))) / 3)
+    per_class = [sum(v) / len(v) for v in means.values()]
+    assert max(per_class) - min(per_class) < 25, per_class
+
+    assert tower_settings("shapes")["pretrain"]["steps"] == 1200
+    assert tower_settings("default")["pretrain"] is None
+    assert "pretrain" in build_spec(0, "shapes") and "pretrain" not in build_spec(0, "default")
+    with pytest.raises(UserError, match="steps >= 1"):
+        tower_settings({"pretrain": {"steps": 0}})
+    with pytest.raises(UserError, match="unknown: epochs"):
+        tower_settings({"pretrain": {"steps": 5, "epochs": 2}})
+
+
+def test_tower_pretraining_moves_only_the_tower(tmp_path: Path) -> None:
+    """A few pretraining steps change the vision tower, leave the language model bit-identical, and
+    the measured accuracy is recorded in the build marker."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from trainers.tiny_model import MARKER
+
+    plain = build_tiny_model(tmp_path / "plain")
+    pre = build_tiny_model(tmp_path / "pre", tower={"pretrain": {"steps": 3, "batch_size": 4}})
+    m0 = AutoModelForImageTextToText.from_pretrained(plain)
+    m1 = AutoModelForImageTextToText.from_pretrained(pre)
+    s0, s1 = m0.state_dict(), m1.state_dict()
+    assert s0.keys() == s1.keys()
+    changed = {k for k in s0 if not torch.equal(s0[k], s1[k])}
+    assert changed and all(".visual." in k or k.startswith("visual.") or "visual" in k for k in changed), sorted(changed)[:5]
+    measured = json.loads((pre / MARKER).read_text())["pretrain_measured"]
+    assert measured["steps"] == 3 and 0.0 <= measured["accuracy_last_50_batches"] <= 1.0
