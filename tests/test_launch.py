@@ -34,7 +34,8 @@ def _small_pipeline(tmp_path: Path) -> Path:
         if st["stage"] == "synth":
             st["per_class"] = 2
         elif st["stage"] == "train":
-            st.update(heldout=["photo", "sketch"], max_steps=3, checkpoint_every=1, batch_size=4,
+            # student `tiny`: the shipped tiny:shapes pretrains its tower per workdir (~2 min each)
+            st.update(student="tiny", heldout=["photo", "sketch"], max_steps=3, checkpoint_every=1, batch_size=4,
                       micro_batch_size=4, max_train_images=12, sarr={"rounds": 0}, select={"max_images": 4})
         elif st["stage"] == "eval":
             st.update(student_modes=["direct"], max_new_tokens={"direct": 8}, limit=4, batch_size=4)

@@ -32,7 +32,9 @@ def _pipeline(tmp_path: Path) -> Path:
         elif st["stage"] == "generate":
             st["n"] = 2
         elif st["stage"] == "train":
-            st.update(max_steps=1, batch_size=8, micro_batch_size=8)
+            # the plain tiny student: the shipped tiny:shapes pretrains its tower per workdir (~2 min),
+            # which a file-mode test does not need (tests/test_demo.py runs the shipped student)
+            st.update(student="tiny", max_steps=1, batch_size=8, micro_batch_size=8)
             st["sarr"] = {"rounds": 0}
             st["select"] = {"max_images": 4}
         elif st["stage"] == "eval":
