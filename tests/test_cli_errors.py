@@ -7,7 +7,6 @@ offending file / field and that no Python traceback reached the user.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -78,12 +77,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return w
 
 
-@pytest.fixture
-def work(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built workdir (tests may break it)."""
-    w = tmp_path / "w"
-    shutil.copytree(built, w, symlinks=True)
-    return w
+# `work` (a private copy of `built`) comes from conftest.py; it copies this module's `built`.
 
 
 def test_truncated_manifest(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,19 +14,24 @@ from dbr_builder.resources import resource_path
 pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-fast` skips it
 
 
-def _small_demo(tmp_path: Path) -> Path:
-    """pipelines/demo.yaml with fewer images and training steps; every other setting as shipped."""
+def demo_pipeline(tmp_path: Path, stages: dict[str, dict], **top: object) -> Path:
+    """pipelines/demo.yaml with per-stage overrides (dict values merged one level deep) and top-level
+    keys, written to ``tmp_path/pipe.yaml``; every other setting as shipped. Shared by the slow
+    pipeline tests (test_umask.py, test_launch.py)."""
     cfg = yaml.safe_load(resource_path("pipelines", "demo.yaml").read_text())
     for st in cfg["stages"]:
-        if st["stage"] == "synth":
-            st["per_class"] = 3
-        elif st["stage"] == "train":
-            st["max_steps"] = 3
-            st.setdefault("sarr", {})["rounds"] = 1
-            st.setdefault("select", {})["max_images"] = 8
-    p = tmp_path / "demo.yaml"
+        for k, v in stages.get(st["stage"], {}).items():
+            st[k] = {**st[k], **v} if isinstance(v, dict) and isinstance(st.get(k), dict) else v
+    cfg.update(top)
+    p = tmp_path / "pipe.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
+
+
+def _small_demo(tmp_path: Path) -> Path:
+    """pipelines/demo.yaml with fewer images and training steps."""
+    return demo_pipeline(tmp_path, {"synth": {"per_class": 3},
+                                    "train": {"max_steps": 3, "sarr": {"rounds": 1}, "select": {"max_images": 8}}})
 
 
 def test_demo_pipeline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,33 +16,26 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from test_demo import demo_pipeline
 
 from dbr_builder import launch
 from dbr_builder.cli import build_parser
 from dbr_builder.errors import ConfigError, UserError
 from dbr_builder.pipeline import run_pipeline
-from dbr_builder.resources import resource_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _small_pipeline(tmp_path: Path) -> Path:
     """pipelines/demo.yaml, small: 2 training units (held out: photo, sketch), 3 steps, no SARR round."""
-    cfg = yaml.safe_load(resource_path("pipelines", "demo.yaml").read_text())
-    for st in cfg["stages"]:
-        if st["stage"] == "synth":
-            st["per_class"] = 2
-        elif st["stage"] == "train":
-            # student `tiny`: the shipped tiny:shapes pretrains its tower per workdir (~2 min each)
-            st.update(student="tiny", heldout=["photo", "sketch"], max_steps=3, checkpoint_every=1, batch_size=4,
-                      micro_batch_size=4, max_train_images=12, sarr={"rounds": 0}, select={"max_images": 4})
-        elif st["stage"] == "eval":
-            st.update(student_modes=["direct"], max_new_tokens={"direct": 8}, limit=4, batch_size=4)
-    cfg["executor"] = {"shards": 4, "max_parallel": 2, "poll_s": 0.2}
-    p = tmp_path / "pipe.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    # student `tiny`: the shipped tiny:shapes pretrains its tower per workdir (~2 min each)
+    return demo_pipeline(tmp_path, {
+        "synth": {"per_class": 2},
+        "train": {"student": "tiny", "heldout": ["photo", "sketch"], "max_steps": 3, "checkpoint_every": 1,
+                  "batch_size": 4, "micro_batch_size": 4, "max_train_images": 12, "sarr": {"rounds": 0},
+                  "select": {"max_images": 4}},
+        "eval": {"student_modes": ["direct"], "max_new_tokens": {"direct": 8}, "limit": 4, "batch_size": 4},
+    }, executor={"shards": 4, "max_parallel": 2, "poll_s": 0.2})
 
 
 def _dbr(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from dbr_builder.resources import resource_path
+from test_demo import demo_pipeline
 
 # Files that are meant to be executable (none today); everything else is a data file.
 EXECUTABLE: set[str] = set()
@@ -25,23 +23,12 @@ EXECUTABLE: set[str] = set()
 
 def _pipeline(tmp_path: Path) -> Path:
     """pipelines/demo.yaml, as small as it goes: 2 images per class, 1 training step, no SARR round."""
-    cfg = yaml.safe_load(resource_path("pipelines", "demo.yaml").read_text())
-    for st in cfg["stages"]:
-        if st["stage"] == "synth":
-            st["per_class"] = 2
-        elif st["stage"] == "generate":
-            st["n"] = 2
-        elif st["stage"] == "train":
-            # the plain tiny student: the shipped tiny:shapes pretrains its tower per workdir (~2 min),
-            # which a file-mode test does not need (tests/test_demo.py runs the shipped student)
-            st.update(student="tiny", max_steps=1, batch_size=8, micro_batch_size=8)
-            st["sarr"] = {"rounds": 0}
-            st["select"] = {"max_images": 4}
-        elif st["stage"] == "eval":
-            st["student_modes"] = ["direct"]
-    p = tmp_path / "pipe.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    # the plain tiny student: the shipped tiny:shapes pretrains its tower per workdir (~2 min),
+    # which a file-mode test does not need (tests/test_demo.py runs the shipped student)
+    return demo_pipeline(tmp_path, {
+        "synth": {"per_class": 2}, "generate": {"n": 2}, "eval": {"student_modes": ["direct"]},
+        "train": {"student": "tiny", "max_steps": 1, "batch_size": 8, "micro_batch_size": 8,
+                  "sarr": {"rounds": 0}, "select": {"max_images": 4}}})
 
 
 def _bad_modes(root: Path, umask: int) -> list[str]:
