@@ -126,9 +126,7 @@ VISION_CONFIG: dict[str, Any] = {
 TOWER_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
               "min_pixels", "max_pixels",
               "fullatt_block_indexes", "window_size", "initializer_range", "pretrain")
-# Tower pretraining settings besides `steps` (pretrain_tower), and their defaults.
-PRETRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 32, "lr": 3e-3, "seed": 0, "image_size": 64}
-PRETRAIN_KEYS = ("steps", *PRETRAIN_DEFAULTS)
+PRETRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "image_size")
 SHAPES_TOWER: dict[str, Any] = {
     # No 2x2 merge: 64 visual tokens per 64-112 px image instead of 16, so the image is a third of
     # the q_cls prompt rather than an eighth; measured to learn the shapes faster from scratch
@@ -140,7 +138,7 @@ SHAPES_TOWER: dict[str, Any] = {
     # neutral corpus (pretrain_tower: flat silhouettes of the six SynthShapes outlines, random
     # colours, none of the four domain styles): 1200 steps -> 81 % validation after 200 fine-tune
     # steps (docs/RESULTS.md). The language model stays random: it still has to learn to use the image.
-    "pretrain": {"steps": 1200},
+    "pretrain": {"steps": 1200, "batch_size": 32, "lr": 3e-3, "seed": 0, "image_size": 64},
 }
 TOWERS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -163,7 +161,7 @@ def tower_settings(tower: str | dict[str, Any] = "default") -> dict[str, Any]:
         if bad or not isinstance(pretrain.get("steps"), int) or pretrain["steps"] < 1:
             raise UserError(f"tiny model tower: `pretrain` takes {', '.join(PRETRAIN_KEYS)} with steps >= 1"
                             + (f"; unknown: {', '.join(bad)}" if bad else ""))
-        pretrain = {**PRETRAIN_DEFAULTS, **pretrain}
+        pretrain = {"batch_size": 32, "lr": 3e-3, "seed": 0, "image_size": 64, **pretrain}
     skip = ("min_pixels", "max_pixels", "pretrain")
     vision = {**VISION_CONFIG, **{k: v for k, v in tower.items() if k not in skip}}
     return {"vision_config": vision, "min_pixels": int(tower.get("min_pixels", MIN_PIXELS)),
@@ -390,8 +388,8 @@ def silhouette(rng: random.Random, size: int = 64) -> tuple[Any, int]:
     return img, label
 
 
-def pretrain_tower(model: Any, processor: Any, steps: int, batch_size: int, lr: float, seed: int, image_size: int,
-                   progress: bool = True) -> dict[str, Any]:
+def pretrain_tower(model: Any, processor: Any, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                   image_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Train ``model``'s vision tower (with a throw-away linear head on its mean visual token) to
     name the silhouette of :func:`silhouette`; the language model is not touched.
 
